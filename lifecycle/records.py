@@ -1,0 +1,207 @@
+"""Stage records: the small, persisted facts that chain the lifecycle together.
+
+Every stage returns one record. It is stored as JSON in the object store under
+`records/<kind>/<id>.json` and announced as a Prefect event, so any stage can be started from a
+record alone and lineage is simply the chain of `inputs`. Record ids are content-derived: a stage
+whose record id already exists has nothing new to do (that is how unchanged stages are skipped).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from datetime import datetime, timezone
+from types import ModuleType
+from typing import Any, ClassVar, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def stable_hash(*parts: Any, length: int = 16) -> str:
+    """Hash JSON-able parts into a short hex id; the same inputs always give the same id."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def code_version(*modules: ModuleType) -> str:
+    """A hash of the source of the modules a stage runs, so a code change invalidates its cache."""
+    return stable_hash(*(inspect.getsource(m) for m in modules), length=12)
+
+
+class Record(BaseModel):
+    """Fields every stage record carries."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: ClassVar[str] = "record"
+    event: ClassVar[str | None] = None
+
+    id: str = Field(..., description="Content-derived id; equal ids mean equal work.")
+    dataset: str = Field(..., description="Dataset name the record belongs to.")
+    created_at: datetime = Field(default_factory=utcnow)
+    code_version: str = ""
+    inputs: dict[str, str] = Field(default_factory=dict, description="Lineage: input kind -> record id.")
+
+    @property
+    def key(self) -> str:
+        return record_key(type(self), self.id)
+
+    def event_payload(self) -> dict[str, Any]:
+        """Resource labels for the Prefect event announcing this record."""
+        labels = {f"lifecycle.input.{k}": v for k, v in self.inputs.items()}
+        return {
+            "prefect.resource.id": f"lifecycle.{self.kind}.{self.id}",
+            "prefect.resource.name": f"{self.dataset}/{self.kind}/{self.id}",
+            "lifecycle.dataset": self.dataset,
+            "lifecycle.record": self.key,
+            **labels,
+        }
+
+
+class DatasetVersion(Record):
+    """An immutable, normalised version of a dataset in the lake (exists iff its manifest does)."""
+
+    kind: ClassVar[str] = "dataset"
+    event: ClassVar[str | None] = "lifecycle.dataset.ingested"
+    source: str
+    path: str = Field(..., description="Store key of the version folder.")
+    parts: list[str] = Field(..., description="Parquet part keys, in row order.")
+    rows: int
+    bytes: int
+    schema_: dict[str, str] = Field(..., alias="schema", description="Column -> Arrow type.")
+    spec_hash: str
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class FailedExpectation(BaseModel):
+    expectation: str
+    column: str | None = None
+    detail: str = ""
+
+
+class ValidationReport(Record):
+    """The verdict of the validation gate on one dataset version."""
+
+    kind: ClassVar[str] = "validation"
+    event: ClassVar[str | None] = "lifecycle.dataset.validated"
+    dataset_version: str
+    success: bool
+    evaluated: int
+    failed: list[FailedExpectation] = Field(default_factory=list)
+    docs_key: str | None = Field(None, description="Store key of the Data Docs index page.")
+
+    @property
+    def quarantined(self) -> bool:
+        return not self.success
+
+
+class EmbeddingSet(Record):
+    """Vectors for the text column of one dataset version, keyed by row id."""
+
+    kind: ClassVar[str] = "embeddings"
+    event: ClassVar[str | None] = "lifecycle.embeddings.created"
+    dataset_version: str
+    model: str
+    dim: int
+    rows: int
+    parts: list[str]
+    encoded_rows: int = Field(..., description="Rows encoded by this run (others reused).")
+    seconds: float = 0.0
+
+
+class IndexVersion(Record):
+    """A LanceDB table version holding one embedding set, with its measured recall."""
+
+    kind: ClassVar[str] = "index"
+    event: ClassVar[str | None] = "lifecycle.index.built"
+    dataset_version: str
+    embedding_set: str
+    uri: str
+    table: str
+    table_version: int
+    tag: str
+    index_type: Literal["exact", "ivf_pq", "ivf_hnsw_sq"]
+    index_params: dict[str, Any] = Field(default_factory=dict)
+    rows: int
+    k: int
+    recall_at_k: float
+    p50_ms: float
+    p95_ms: float
+
+
+class TrainedModel(Record):
+    """A trained model logged to MLflow with its holdout metrics."""
+
+    kind: ClassVar[str] = "model"
+    event: ClassVar[str | None] = "lifecycle.model.trained"
+    dataset_version: str
+    embedding_set: str | None = None
+    run_id: str
+    model_uri: str
+    metrics: dict[str, float]
+    primary_metric: str
+    greater_is_better: bool
+    device: str = "cpu"
+    train_seconds: float = 0.0
+
+
+class ModelVersion(Record):
+    """A registered model version and the promotion decision taken for it."""
+
+    kind: ClassVar[str] = "model_version"
+    event: ClassVar[str | None] = "lifecycle.model.registered"
+    model_name: str
+    version: str
+    run_id: str
+    trained_model: str
+    aliases: list[str]
+    promoted: bool
+    decision: str
+    metric: str
+    challenger_value: float
+    champion_version: str | None = None
+    champion_value: float | None = None
+
+
+class Deployment(Record):
+    """What is being served where, and how the rollout went."""
+
+    kind: ClassVar[str] = "deployment"
+    event: ClassVar[str | None] = "lifecycle.model.deployed"
+    model_name: str
+    model_version: str
+    index_version: str | None
+    target: str
+    endpoint: str
+    handle: str = Field(..., description="PID or container id of the server.")
+    status: Literal["serving", "failed", "stopped"]
+    previous: str | None = None
+
+
+R = TypeVar("R", bound=Record)
+
+RECORD_TYPES: dict[str, type[Record]] = {
+    cls.kind: cls
+    for cls in (DatasetVersion, ValidationReport, EmbeddingSet, IndexVersion, TrainedModel, ModelVersion, Deployment)
+}
+
+
+def record_key(cls: type[Record], record_id: str) -> str:
+    return f"records/{cls.kind}/{record_id}.json"
+
+
+def latest_key(cls: type[Record], dataset: str) -> str:
+    return f"records/latest/{dataset}/{cls.kind}.json"
+
+
+def dump_record(record: Record) -> bytes:
+    return record.model_dump_json(indent=2, by_alias=True).encode()
+
+
+def parse_record(cls: type[R], data: bytes) -> R:
+    return cls.model_validate_json(data)

@@ -1,0 +1,293 @@
+"""Ingest: raw CSV / Parquet / JSONL → a normalised, content-versioned Parquet dataset in the store.
+
+Why this shape:
+- The source is streamed in Arrow batches, so memory stays bounded whatever the file size.
+- Columns are cast to the types the spec implies (numeric → float64, categorical/text → string,
+  label → string or float64), so two files with the same values give the same version.
+- The version is a hash of the normalised rows (order-preserving, independent of batch boundaries),
+  so re-ingesting the same content is a no-op and different content never shares a version.
+- Parts are written to a staging prefix and moved under `datasets/<name>/<version>/`; the manifest is
+  written **last**. A version exists iff its manifest does; leftovers of a failed run are invisible and
+  removed by the next ingest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import sys
+import uuid
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import fsspec
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import task
+from prefect.logging import get_run_logger
+
+import lifecycle.spec as spec_module
+from infra_blocks import ObjectStore
+from lifecycle.errors import LifecycleError
+from lifecycle.records import DatasetVersion, code_version, dump_record
+from lifecycle.spec import DatasetSpec, Task
+from tasks.policies import retry_unless_user_error
+
+ROWS_PER_PART = 250_000
+BLOCK_BYTES = 16 << 20
+MANIFEST = "manifest.json"
+
+
+def target_schema(spec: DatasetSpec, id_type: pa.DataType) -> pa.Schema:
+    """The normalised Arrow schema of a dataset: spec column order, types implied by roles."""
+    label_type = pa.float64() if spec.task is Task.regression else pa.string()
+    fields = [pa.field(spec.id_column, id_type), pa.field(spec.label_column, label_type)]
+    fields += [pa.field(c, pa.float64()) for c in spec.numeric_features]
+    fields += [pa.field(c, pa.string()) for c in spec.categorical_features]
+    if spec.text_column:
+        fields.append(pa.field(spec.text_column, pa.string()))
+    return pa.schema(fields)
+
+
+def detect_format(source: str, declared: str) -> str:
+    if declared != "auto":
+        return declared
+    name = source.lower().removesuffix(".gz").removesuffix(".bz2").removesuffix(".zst")
+    for suffix, fmt in ((".csv", "csv"), (".parquet", "parquet"), (".pq", "parquet"), (".jsonl", "jsonl"),
+                        (".ndjson", "jsonl"), (".json", "jsonl")):
+        if name.endswith(suffix):
+            return fmt
+    raise LifecycleError(f"{source}: cannot tell the format from the name; set `format` in the spec")
+
+
+def _column_error(message: str, names: list[str]) -> str:
+    """Turn Arrow's 'In CSV column #3: …' into the column's name."""
+    match = re.search(r"column #(\d+)", message)
+    if match and int(match.group(1)) < len(names):
+        message = message.replace(match.group(0), f"column {names[int(match.group(1))]!r}")
+    return message.replace("In CSV ", "").strip()
+
+
+def _csv_batches(f, spec: DatasetSpec, source: str) -> Iterator[pa.RecordBatch]:
+    import pyarrow.csv as pacsv
+
+    header_reader = pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=BLOCK_BYTES))
+    names = header_reader.schema.names
+    _require_columns(spec, names, source)
+    f.seek(0)
+    wanted = target_schema(spec, pa.string())
+    types = {c.name: c.type for c in wanted if c.name != spec.id_column}
+    try:
+        reader = pacsv.open_csv(
+            f,
+            read_options=pacsv.ReadOptions(block_size=BLOCK_BYTES),
+            convert_options=pacsv.ConvertOptions(column_types=types, include_columns=spec.required_columns,
+                                                 strings_can_be_null=True),
+        )
+        yield from reader
+    except pa.ArrowInvalid as exc:
+        raise LifecycleError(f"{source}: {_column_error(str(exc), names)}") from exc
+
+
+def _parquet_batches(f, spec: DatasetSpec, source: str) -> Iterator[pa.RecordBatch]:
+    try:
+        pfile = pq.ParquetFile(f)
+    except pa.ArrowInvalid as exc:
+        raise LifecycleError(f"{source}: not a readable Parquet file ({exc})") from exc
+    _require_columns(spec, pfile.schema_arrow.names, source)
+    yield from pfile.iter_batches(batch_size=ROWS_PER_PART, columns=spec.required_columns)
+
+
+def _jsonl_batches(f, spec: DatasetSpec, source: str) -> Iterator[pa.RecordBatch]:
+    import pyarrow.json as pajson
+
+    wanted = target_schema(spec, pa.string())
+    explicit = pa.schema([c for c in wanted if c.name != spec.id_column])
+    reader = pajson.open_json(
+        f,
+        read_options=pajson.ReadOptions(block_size=BLOCK_BYTES),
+        parse_options=pajson.ParseOptions(explicit_schema=explicit, unexpected_field_behavior="infer"),
+    )
+    _require_columns(spec, reader.schema.names, source)
+    yield from reader
+
+
+def _require_columns(spec: DatasetSpec, names: list[str], source: str) -> None:
+    missing = [c for c in spec.required_columns if c not in names]
+    if missing:
+        raise LifecycleError(f"{source}: missing column(s) {', '.join(missing)} named in the spec")
+
+
+READERS = {"csv": _csv_batches, "parquet": _parquet_batches, "jsonl": _jsonl_batches}
+
+
+def expand_source(source: str, store: ObjectStore) -> tuple[fsspec.AbstractFileSystem, list[str]]:
+    """The files a source names: one file, every file of a folder, or a glob; sorted."""
+    if ".." in source.replace("\\", "/").split("/"):
+        raise LifecycleError(f"{source}: source paths may not contain '..'")
+    protocol = source.split("://", 1)[0] if "://" in source else "file"
+    options = store.storage_options() if protocol == store.protocol else {}
+    fs = fsspec.filesystem(protocol, **options)
+    path = source.split("://", 1)[1] if "://" in source else source
+    if any(ch in path for ch in "*?["):
+        files = sorted(fs.glob(path))
+    elif fs.isdir(path):
+        files = sorted(p for p in fs.find(path) if not p.rsplit("/", 1)[-1].startswith((".", "_")))
+    elif fs.exists(path):
+        files = [path]
+    else:
+        raise LifecycleError(f"{source}: no such file")
+    if not files:
+        raise LifecycleError(f"{source}: no files found")
+    return fs, files
+
+
+def normalise(batch: pa.RecordBatch, schema: pa.Schema, source: str) -> pa.Table:
+    """Reorder and cast a batch to the dataset schema, naming the column that will not cast."""
+    columns = []
+    for fld in schema:
+        col = batch.column(batch.schema.get_field_index(fld.name))
+        try:
+            columns.append(col.cast(fld.type) if col.type != fld.type else col)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise LifecycleError(f"{source}: column {fld.name!r} cannot be read as {fld.type} ({exc})") from exc
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+@dataclass
+class _Hasher:
+    """Order-preserving content hash over rows, independent of how rows are batched."""
+
+    digest: "hashlib._Hash" = field(default_factory=hashlib.sha256)
+
+    def update(self, table: pa.Table) -> None:
+        frame = table.to_pandas()
+        self.digest.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
+
+
+def read_source(store: ObjectStore, spec: DatasetSpec) -> Iterator[tuple[str, pa.Table]]:
+    """Yield (file, normalised table) batches of every file the spec's source names."""
+    fs, files = expand_source(spec.source, store)
+    schema: pa.Schema | None = None
+    for path in files:
+        fmt = detect_format(path, spec.format)
+        shown = path if "://" in spec.source or path.startswith("/") else spec.source
+        try:
+            with fs.open(path, "rb", compression="infer") as f:
+                for batch in READERS[fmt](f, spec, shown):
+                    if batch.num_rows == 0:
+                        continue
+                    if schema is None:
+                        schema = target_schema(spec, _id_type(batch, spec))
+                    yield shown, normalise(batch, schema, shown)
+        except (EOFError, zlib.error, OSError) as exc:
+            if isinstance(exc, FileNotFoundError):
+                raise LifecycleError(f"{shown}: no such file") from exc
+            raise LifecycleError(f"{shown}: unreadable or truncated ({exc})") from exc
+        except pa.ArrowInvalid as exc:
+            raise LifecycleError(f"{shown}: {str(exc).splitlines()[0]}") from exc
+
+
+def _id_type(batch: pa.RecordBatch, spec: DatasetSpec) -> pa.DataType:
+    t = batch.schema.field(spec.id_column).type
+    return pa.int64() if pa.types.is_integer(t) else pa.string()
+
+
+def _cleanup_invisible(store: ObjectStore, name: str) -> None:
+    """Remove staging leftovers and version folders without a manifest (failed earlier runs)."""
+    for key in {k.split("/")[2] for k in store.list_keys(f"datasets/{name}") if k.count("/") >= 3}:
+        if key == "_staging" or not store.exists(f"datasets/{name}/{key}/{MANIFEST}"):
+            store.delete(f"datasets/{name}/{key}")
+
+
+def ingest_dataset(store: ObjectStore, spec: DatasetSpec, log=None) -> DatasetVersion:
+    """Ingest the spec's source into the store and return its DatasetVersion (pure; no Prefect).
+
+    Raises:
+        LifecycleError: one line naming the file and the problem; nothing becomes visible.
+    """
+    _cleanup_invisible(store, spec.name)
+    staging = f"datasets/{spec.name}/_staging/{uuid.uuid4().hex}"
+    pafs = store.pyarrow_filesystem()
+    hasher, parts, rows, labels = _Hasher(), [], 0, set()
+    writer: pq.ParquetWriter | None = None
+    part_rows = 0
+    schema = None
+    try:
+        for shown, table in read_source(store, spec):
+            schema = table.schema
+            hasher.update(table)
+            if spec.task is not Task.regression and len(labels) < 2:
+                labels.update(v for v in table.column(spec.label_column).unique().to_pylist() if v is not None)
+            offset = 0
+            while offset < table.num_rows:
+                if writer is None:
+                    parts.append(f"{staging}/part-{len(parts):05d}.parquet")
+                    if not parts[:-1]:
+                        pafs.create_dir(store.path(staging), recursive=True)
+                    writer = pq.ParquetWriter(store.path(parts[-1]), table.schema, filesystem=pafs)
+                    part_rows = 0
+                take = min(ROWS_PER_PART - part_rows, table.num_rows - offset)
+                writer.write_table(table.slice(offset, take))
+                offset, part_rows, rows = offset + take, part_rows + take, rows + take
+                if part_rows >= ROWS_PER_PART:
+                    writer.close()
+                    writer = None
+            if log:
+                log.info("ingest %s: %d rows read", spec.name, rows)
+        if writer is not None:
+            writer.close()
+            writer = None
+        if rows == 0 or schema is None:
+            raise LifecycleError(f"{spec.source}: empty file (no data rows)")
+        if spec.task is not Task.regression and len(labels) < 2:
+            only = next(iter(labels), "none")
+            raise LifecycleError(
+                f"{spec.source}: label column {spec.label_column!r} has one class ({only}); {spec.task.value} needs two or more"
+            )
+        hasher.digest.update(str(schema).encode() + spec.name.encode())
+        version = hasher.digest.hexdigest()[:16]
+        final = f"datasets/{spec.name}/{version}"
+        if store.exists(f"{final}/{MANIFEST}"):
+            return DatasetVersion.model_validate_json(store.read_bytes(f"{final}/{MANIFEST}"))
+        fs = store.filesystem()
+        moved = []
+        fs.makedirs(store.path(final), exist_ok=True)
+        for i, key in enumerate(parts):
+            dest = f"{final}/part-{i:05d}.parquet"
+            fs.mv(store.path(key), store.path(dest))
+            moved.append(dest)
+        record = DatasetVersion(
+            id=version,
+            dataset=spec.name,
+            code_version=code_version(spec_module, sys.modules[__name__]),
+            source=spec.source,
+            path=final,
+            parts=moved,
+            rows=rows,
+            bytes=sum(fs.size(store.path(k)) for k in moved),
+            schema={f.name: str(f.type) for f in schema},
+            spec_hash=spec.section_hash(),
+        )
+        store.write_bytes(f"{final}/{MANIFEST}", dump_record(record))  # the commit point
+        return record
+    finally:
+        if writer is not None:
+            writer.close()
+        store.delete(staging)
+
+
+def read_dataset(store: ObjectStore, dataset: DatasetVersion, columns: list[str] | None = None) -> pd.DataFrame:
+    """The whole version as a DataFrame (for small data and tests; stages stream parts instead)."""
+    pafs = store.pyarrow_filesystem()
+    tables = [pq.read_table(store.path(k), filesystem=pafs, columns=columns) for k in dataset.parts]
+    return pa.concat_tables(tables).to_pandas()
+
+
+@task(name="ingest-dataset", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error,
+      tags=["lifecycle", "ingest"])
+def ingest_task(store: ObjectStore, spec: DatasetSpec) -> DatasetVersion:
+    """Prefect wrapper: retries cover transient store errors; bad input fails fast (no retry helps)."""
+    return ingest_dataset(store, spec, log=get_run_logger())
