@@ -1,0 +1,317 @@
+"""`lifecycle` command line: run the DAG, look at what it produced, manage blocks and servers.
+
+Heavy modules (prefect, mlflow, torch) are imported inside commands, after the process environment
+is prepared, so `lifecycle --help` is instant and settings take effect.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lifecycle.errors import LifecycleError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run and inspect the ML lifecycle.")
+blocks_app = typer.Typer(no_args_is_help=True, help="Block documents of a profile.")
+app.add_typer(blocks_app, name="blocks")
+console = Console()
+err_console = Console(stderr=True)
+
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "GIT_PYTHON_REFRESH": "quiet",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def _prepare_env() -> None:
+    """Offline model loading and quiet telemetry; values a user set explicitly win."""
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def _fail(exc: Exception) -> None:
+    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=1)
+
+
+def _default_spec(rows: int) -> Path:
+    from lifecycle.profiles import lifecycle_home
+    from lifecycle.sample import write_sample
+
+    return write_sample(lifecycle_home() / "sample", rows=rows)[1]
+
+
+class _RichObserver:
+    """Shows each stage as it runs, with its time and whether it reused its record."""
+
+    def __init__(self, status) -> None:
+        self.status = status
+
+    def started(self, stage: str) -> None:
+        self.status.update(f"[bold]{stage}[/] running…")
+
+    def finished(self, stage: str, status: str, seconds: float) -> None:
+        colour = {"ran": "green", "cached": "cyan"}.get(status, "yellow")
+        console.print(f"  [{colour}]✓[/] {stage:<9} {status:<8} {seconds:7.2f}s")
+
+
+def _quiet_prefect_console() -> None:
+    """Prefect's console handler would print every task's traceback; the CLI shows one line instead.
+    The full logs still go to the Prefect API (see `prefect flow-run logs`)."""
+    import logging
+
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
+        for handler in logging.getLogger(name).handlers:
+            if type(handler).__name__ == "PrefectConsoleHandler":
+                handler.setLevel(logging.CRITICAL)
+
+
+@app.command()
+def run(
+    spec: Optional[Path] = typer.Option(None, "--spec", help="Dataset spec YAML (default: the bundled sample)."),
+    profile: str = typer.Option("local", help="Profile in deployments/profiles or a YAML path."),
+    rows: int = typer.Option(5000, help="Rows of the bundled sample (ignored with --spec)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Prefect's logs on the console."),
+) -> None:
+    """Run the whole lifecycle and leave the model answering on 127.0.0.1."""
+    _prepare_env()
+    try:
+        from flows.lifecycle import lifecycle_with_targets
+        from lifecycle import progress
+        from lifecycle.profiles import load_profile
+        from lifecycle.spec import load_spec
+
+        dataset_spec = load_spec(spec or _default_spec(rows))
+        targets = load_profile(profile)
+        if not verbose:
+            _quiet_prefect_console()
+        with console.status("starting…") as status:
+            restore = progress.set_observer(_RichObserver(status))
+            try:
+                result = lifecycle_with_targets(dataset_spec, targets)
+            finally:
+                restore()
+    except LifecycleError as exc:
+        _fail(exc)
+    finally:
+        from infra_blocks.dask_compute import close_local_clusters
+
+        close_local_clusters()
+    _print_summary(result, targets.serving.api_token is not None)
+
+
+def _print_summary(result, needs_token: bool) -> None:
+    table = Table(title=f"lifecycle: {result.dataset.dataset}  ({result.seconds:.1f}s)", show_lines=False)
+    table.add_column("stage")
+    table.add_column("status")
+    table.add_column("result")
+    table.add_column("seconds", justify="right")
+    v = result.validation
+    facts = {
+        "ingest": f"version {result.dataset.id} · {result.dataset.rows} rows",
+        "validate": f"{'passed' if v.success else 'FAILED'} · {v.evaluated} expectations",
+        "embed": f"{result.embeddings.id} · {result.embeddings.rows} × {result.embeddings.dim}" if result.embeddings else "",
+        "index": (f"{result.index.table}@v{result.index.table_version} · {result.index.index_type} · "
+                  f"recall@{result.index.k} {result.index.recall_at_k:.3f}") if result.index else "",
+        "train": f"{result.trained.primary_metric} {result.trained.metrics[result.trained.primary_metric]:.4f}",
+        "register": f"{result.model.model_name} v{result.model.version} · {', '.join(result.model.aliases)} · "
+                    f"{result.model.decision}",
+        "deploy": f"{result.deployment.endpoint} (model v{result.deployment.model_version})" if result.deployment else "",
+    }
+    for stage in result.stages:
+        table.add_row(stage.stage, stage.status, facts.get(stage.stage, ""), f"{stage.seconds:.2f}")
+    console.print(table)
+    if result.deployment:
+        ep = result.deployment.endpoint
+        auth = ' -H "Authorization: Bearer $LIFECYCLE_API_TOKEN"' if needs_token else ""
+        console.print(f"[bold]Query:[/]  curl -s{auth} {ep}/invocations -H 'Content-Type: application/json' "
+                      "-d @.lifecycle/sample/request.json", soft_wrap=True)
+        console.print(f"        curl -s{auth} {ep}/search -H 'Content-Type: application/json' "
+                      "-d '{\"query\": \"refund for a double charge\", \"k\": 3}'", soft_wrap=True)
+        console.print("        lifecycle search 'refund for a double charge'")
+        console.print("[bold]Stop:[/]   lifecycle down")
+        _write_example_request(result)
+
+
+def _write_example_request(result) -> None:
+    """A ready-to-send /invocations payload for the first rows of the dataset."""
+    import json
+
+    from lifecycle.profiles import lifecycle_home
+
+    path = lifecycle_home() / "sample" / "request.json"
+    try:
+        from lifecycle.profiles import load_profile
+        from tasks.ingest import read_dataset
+
+        frame = read_dataset(load_profile("local").store, result.dataset).head(2)
+        payload = {"dataframe_split": json.loads(frame.to_json(orient="split", index=False))}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload))
+    except Exception:  # noqa: BLE001 - a convenience file; never fail a finished run over it
+        pass
+
+
+@app.command()
+def status(profile: str = typer.Option("local", help="Profile.")) -> None:
+    """The latest record of every stage for each dataset, and whether the endpoint answers."""
+    _prepare_env()
+    try:
+        from lifecycle.profiles import load_profile
+        from lifecycle.records import RECORD_TYPES, parse_record
+
+        targets = load_profile(profile)
+        store = targets.store
+        datasets = sorted({k.split("/")[2] for k in store.list_keys("records/latest")})
+        if not datasets:
+            console.print("nothing has run yet: try `lifecycle run`")
+            return
+        table = Table(title=f"lifecycle status ({store.url})")
+        for col in ("dataset", "stage", "id", "created", "detail"):
+            table.add_column(col)
+        for name in datasets:
+            for kind, cls in RECORD_TYPES.items():
+                key = f"records/latest/{name}/{kind}.json"
+                if store.exists(key):
+                    rec = parse_record(cls, store.read_bytes(key))
+                    table.add_row(name, kind, rec.id, rec.created_at.strftime("%Y-%m-%d %H:%M:%S"), _detail(rec))
+        console.print(table)
+        console.print(f"endpoint {targets.serving.endpoint}: {_health(targets.serving.endpoint)}")
+    except LifecycleError as exc:
+        _fail(exc)
+
+
+def _detail(rec) -> str:
+    for attr in ("status", "decision", "recall_at_k", "rows", "success"):
+        if hasattr(rec, attr):
+            return f"{attr}={getattr(rec, attr)}"
+    return ""
+
+
+def _health(endpoint: str) -> str:
+    import httpx
+
+    try:
+        return httpx.get(f"{endpoint}/health", timeout=2).text
+    except httpx.HTTPError:
+        return "not answering"
+
+
+@app.command()
+def lineage(dataset: str = typer.Argument("tickets"), profile: str = typer.Option("local")) -> None:
+    """The chain of records behind what is deployed (or the latest model) for a dataset."""
+    _prepare_env()
+    try:
+        from lifecycle.profiles import load_profile
+        from lifecycle.records import RECORD_TYPES, parse_record
+
+        store = load_profile(profile).store
+        start = None
+        for kind in ("deployment", "model_version"):
+            key = f"records/latest/{dataset}/{kind}.json"
+            if store.exists(key):
+                start = parse_record(RECORD_TYPES[kind], store.read_bytes(key))
+                break
+        if start is None:
+            raise LifecycleError(f"dataset {dataset!r}: no records yet")
+        _print_lineage(store, start, 0)
+    except LifecycleError as exc:
+        _fail(exc)
+
+
+def _print_lineage(store, record, depth: int) -> None:
+    from lifecycle.records import RECORD_TYPES, parse_record, record_key
+
+    console.print(f"{'  ' * depth}{record.kind} [bold]{record.id}[/] ({record.created_at:%Y-%m-%d %H:%M})")
+    for kind, rid in record.inputs.items():
+        cls = RECORD_TYPES.get(kind)
+        if cls and store.exists(record_key(cls, rid)):
+            _print_lineage(store, parse_record(cls, store.read_bytes(record_key(cls, rid))), depth + 1)
+
+
+@app.command()
+def search(
+    query: str = typer.Argument(..., help="Text to search for."),
+    dataset: str = typer.Option("tickets", help="Dataset whose index to search."),
+    k: int = typer.Option(5, help="Rows to return."),
+    where: Optional[str] = typer.Option(None, help="SQL filter on metadata, e.g. \"category = 'billing'\"."),
+    profile: str = typer.Option("local"),
+) -> None:
+    """Search the latest index of a dataset with a text query."""
+    _prepare_env()
+    try:
+        from lifecycle.profiles import load_profile
+        from lifecycle.records import IndexVersion
+        from lifecycle.search import Searcher
+        from tasks.records import latest_record
+
+        targets = load_profile(profile)
+        record = latest_record(targets.store, IndexVersion, dataset)
+        if record is None:
+            raise LifecycleError(f"dataset {dataset!r}: no index yet; run `lifecycle run`")
+        rows = Searcher.from_record(record, targets.vectors).search(query, k=k, where=where)
+    except LifecycleError as exc:
+        _fail(exc)
+    table = Table(title=f"{query!r} in {record.table}@{record.tag}")
+    if rows:
+        for col in rows[0]:
+            table.add_column(col)
+        for row in rows:
+            table.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()))
+    console.print(table)
+
+
+@app.command()
+def down(profile: str = typer.Option("local")) -> None:
+    """Stop the serving process this profile started (by its recorded PID)."""
+    _prepare_env()
+    try:
+        from lifecycle.profiles import load_profile
+        from tasks.serving import stop_current
+
+        stopped = stop_current(load_profile(profile).serving)
+    except LifecycleError as exc:
+        _fail(exc)
+    console.print(f"stopped {stopped}" if stopped else "nothing was serving")
+
+
+@app.command()
+def sample(out: Path = typer.Option(Path("sample"), help="Folder to write into."),
+           rows: int = typer.Option(5000, help="Rows to generate.")) -> None:
+    """Write the bundled sample CSV and its spec (a starting point for your own spec)."""
+    from lifecycle.sample import write_sample
+
+    csv_path, spec_path = write_sample(out, rows=rows)
+    console.print(f"wrote {csv_path} and {spec_path}")
+
+
+@blocks_app.command("apply")
+def blocks_apply(profile: str = typer.Option("local", help="Profile to apply.")) -> None:
+    """Create or update the profile's five block documents on the Prefect API."""
+    _prepare_env()
+    try:
+        from lifecycle.profiles import apply_profile
+
+        names = apply_profile(profile)
+    except LifecycleError as exc:
+        _fail(exc)
+    for role, name in names.items():
+        console.print(f"  {role:<8} → {name}")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,308 @@
+"""Validate: the quality gate between ingest and every stage that learns from or serves the data.
+
+Why this shape:
+- The suite is built from the spec alone (`build_suite`), so the same spec always checks the same
+  things and the spec's `expectations` section is part of the report's cache key.
+- Great Expectations runs in an ephemeral context (nothing written to the working directory); its
+  Data Docs are rendered into a temp folder and copied into the store next to the dataset's other
+  artefacts, so the evidence lives wherever the data lives (file lake or S3).
+- A failing report is still a record: it is the quarantine mark. Later stages call
+  `require_passed` and refuse the version, instead of each re-deciding what "valid" means.
+
+Great Expectations is imported inside functions: it costs ~4 s to import.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tempfile
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+from prefect import task
+
+from infra_blocks import ObjectStore
+from lifecycle.errors import QuarantinedError
+from lifecycle.records import DatasetVersion, FailedExpectation, ValidationReport, code_version, stable_hash
+from lifecycle.spec import DatasetSpec, Task
+from tasks.policies import retry_unless_user_error
+
+if TYPE_CHECKING:
+    from great_expectations import ExpectationSuite
+    from great_expectations.expectations import Expectation
+
+# Spec sections the suite is built from: editing any of them re-validates.
+SPEC_SECTIONS = (
+    "expectations", "id_column", "label_column", "numeric_features", "categorical_features", "text_column", "task",
+)
+# Pandas dtypes accepted as "numeric" (numpy names, nullable extension dtypes by class name, bool).
+NUMERIC_TYPES = [
+    "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float32", "float64", "bool",
+    "Int8Dtype", "Int16Dtype", "Int32Dtype", "Int64Dtype", "UInt8Dtype", "UInt16Dtype", "UInt32Dtype",
+    "UInt64Dtype", "Float32Dtype", "Float64Dtype", "BooleanDtype",
+]
+# pandas 3 strings are dtype `str`; for object columns GX checks each value's Python type instead.
+STRING_TYPE = "str"
+EXAMPLES = 3
+# Data Docs assets not worth copying per version (animated help gifs, webfonts: ~3.9 MB of ~4 MB).
+SKIPPED_ASSETS = (".gif", ".otf")
+
+
+def version_label(dataset: DatasetVersion) -> str:
+    return f"{dataset.dataset}@{dataset.id}"
+
+
+def docs_prefix(dataset: DatasetVersion) -> str:
+    return f"validation/{dataset.dataset}/{dataset.id}/docs"
+
+
+def report_id(spec: DatasetSpec, dataset: DatasetVersion) -> str:
+    """The ValidationReport id: same data, same suite, same code → same report (the stage is skipped)."""
+    return stable_hash(dataset.id, spec.section_hash(*SPEC_SECTIONS), code_version(sys.modules[__name__]))
+
+
+def build_expectations(spec: DatasetSpec) -> list[Expectation]:
+    """The expectations the spec implies, in a stable order (pure: no context, no data).
+
+    Schema first (columns exist, numeric features numeric, text/categoricals strings), then the id
+    (non-null, unique), the label (non-null, allowed set, at least two classes for classification;
+    exactly two for binary), ranges, nulls and the row count.
+    """
+    import great_expectations.expectations as gxe
+
+    exp = spec.expectations
+    out: list[Expectation] = [gxe.ExpectColumnToExist(column=c) for c in spec.required_columns]
+    string_cols = [*spec.categorical_features, *([spec.text_column] if spec.text_column else [])]
+    numeric_cols = list(spec.numeric_features)
+    if spec.task is Task.regression:
+        numeric_cols.insert(0, spec.label_column)
+    else:
+        string_cols.insert(0, spec.label_column)
+    out += [gxe.ExpectColumnValuesToBeInTypeList(column=c, type_list=NUMERIC_TYPES) for c in numeric_cols]
+    out += [gxe.ExpectColumnValuesToBeOfType(column=c, type_=STRING_TYPE) for c in string_cols]
+
+    strict = list(dict.fromkeys([spec.id_column, spec.label_column, *exp.not_null]))
+    out += [gxe.ExpectColumnValuesToNotBeNull(column=c) for c in strict]
+    out.append(gxe.ExpectColumnValuesToBeUnique(column=spec.id_column))
+    if spec.task is not Task.regression:
+        if exp.allowed_labels:
+            out.append(gxe.ExpectColumnValuesToBeInSet(column=spec.label_column, value_set=list(exp.allowed_labels)))
+        # GX has this one built in: the number of distinct labels (nulls excluded).
+        out.append(gxe.ExpectColumnUniqueValueCountToBeBetween(
+            column=spec.label_column, min_value=2, max_value=2 if spec.task is Task.binary else None))
+
+    for col, bounds in exp.ranges.items():
+        if bounds.min is not None or bounds.max is not None:
+            out.append(gxe.ExpectColumnValuesToBeBetween(column=col, min_value=bounds.min, max_value=bounds.max))
+
+    if exp.max_null_fraction < 1:
+        features = [*spec.numeric_features, *spec.categorical_features, *([spec.text_column] if spec.text_column else [])]
+        mostly = round(1.0 - exp.max_null_fraction, 12)
+        out += [gxe.ExpectColumnValuesToNotBeNull(column=c, mostly=mostly) for c in features if c not in strict]
+    out.append(gxe.ExpectTableRowCountToBeBetween(min_value=exp.min_rows, max_value=exp.max_rows))
+    return out
+
+
+def build_suite(spec: DatasetSpec) -> ExpectationSuite:
+    """The GX suite for a spec, named after the dataset (unattached to any context)."""
+    import great_expectations as gx
+
+    return gx.ExpectationSuite(name=spec.name, expectations=build_expectations(spec))
+
+
+def _short(value: Any) -> str:
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _percent(value: float) -> str:
+    return f"{value:.2f}".rstrip("0").rstrip(".") + "%"
+
+
+def describe_failure(expectation: str, kwargs: dict[str, Any], result: dict[str, Any],
+                     exception: dict[str, Any] | None) -> str:
+    """A short human detail for one failed expectation: counts, a few values, or the observed value."""
+    if exception and exception.get("raised_exception"):
+        message = (exception.get("exception_message") or "error").strip().splitlines()[0]
+        return f"error: {message[:160]}"
+    if expectation == "expect_column_to_exist":
+        return "column not found"
+    if result.get("unexpected_count") is not None:
+        count = int(result["unexpected_count"])
+        detail = f"{count} row{'s' if count != 1 else ''} unexpected ({_percent(result.get('unexpected_percent') or 0.0)}"
+        mostly = kwargs.get("mostly")
+        if mostly is not None and mostly < 1:
+            detail += f", at most {_percent((1 - mostly) * 100)} allowed"
+        detail += ")"
+        examples = []
+        for v in result.get("partial_unexpected_list") or []:
+            if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
+                continue
+            if _short(v) not in examples:
+                examples.append(_short(v))
+            if len(examples) == EXAMPLES:
+                break
+        return detail + (f", e.g. {', '.join(examples)}" if examples else "")
+    observed = result.get("observed_value")
+    low, high = kwargs.get("min_value"), kwargs.get("max_value")
+    expected = ""
+    if low is not None or high is not None:
+        expected = f" (expected {'>= ' + _short(low) if low is not None else ''}"
+        expected += (", " if low is not None and high is not None else "") + (f"<= {_short(high)}" if high is not None else "")
+        expected += ")"
+    return f"observed {_short(observed)}{expected}" if observed is not None else "failed"
+
+
+def summarize(results: list[Any]) -> list[FailedExpectation]:
+    """FailedExpectations from GX ExpectationValidationResults, dropping echoes of a missing column.
+
+    A missing column fails `expect_column_to_exist` and makes every other check on it raise; only the
+    first is worth reporting.
+    """
+    failed: list[FailedExpectation] = []
+    missing = {r.expectation_config.kwargs.get("column") for r in results
+               if not r.success and r.expectation_config.type == "expect_column_to_exist"}
+    for r in results:
+        cfg = r.expectation_config
+        column = cfg.kwargs.get("column")
+        if r.success or (column in missing and cfg.type != "expect_column_to_exist"):
+            continue
+        detail = describe_failure(cfg.type, dict(cfg.kwargs), dict(r.result or {}), dict(r.exception_info or {}))
+        failed.append(FailedExpectation(expectation=cfg.type, column=column, detail=detail))
+    return failed
+
+
+def validate_frame(frame: pd.DataFrame, spec: DatasetSpec, run_name: str, docs_dir: str) -> tuple[bool, int, list[FailedExpectation]]:
+    """Run the spec's suite on a frame with an ephemeral GX context; Data Docs go to `docs_dir`.
+
+    Returns:
+        (success, number of expectations evaluated, failed expectations).
+    """
+    import great_expectations as gx
+    from great_expectations.core.run_identifier import RunIdentifier
+    from great_expectations.data_context.types.base import (
+        DataContextConfig, InMemoryStoreBackendDefaults, ProgressBarsConfig,
+    )
+
+    site = {"class_name": "SiteBuilder", "show_how_to_buttons": False,
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": docs_dir},
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"}}
+    config = DataContextConfig(store_backend_defaults=InMemoryStoreBackendDefaults(), analytics_enabled=False,
+                               progress_bars=ProgressBarsConfig(globally=False), data_docs_sites={"lifecycle": site})
+    context = gx.get_context(mode="ephemeral", project_config=config)
+    batch = (context.data_sources.add_pandas(spec.name).add_dataframe_asset(run_name.replace("@", "-"))
+             .add_batch_definition_whole_dataframe("all-rows"))
+    suite = context.suites.add(build_suite(spec))
+    definition = context.validation_definitions.add(gx.ValidationDefinition(name=run_name, data=batch, suite=suite))
+    checkpoint = context.checkpoints.add(gx.Checkpoint(
+        name=f"{spec.name}-gate", validation_definitions=[definition],
+        actions=[gx.checkpoint.UpdateDataDocsAction(name="data-docs", site_names=["lifecycle"])],
+        result_format={"result_format": "SUMMARY", "partial_unexpected_count": 20},
+    ))
+    result = checkpoint.run(batch_parameters={"dataframe": frame}, run_id=RunIdentifier(run_name=run_name))
+    (suite_result,) = result.run_results.values()
+    rank = {e.id: i for i, e in enumerate(suite.expectations)}  # report in suite order, not GX's
+    ordered = sorted(suite_result.results, key=lambda r: rank.get(r.expectation_config.id, len(rank)))
+    evaluated = int(suite_result.statistics.get("evaluated_expectations", len(suite_result.results)))
+    return bool(result.success), evaluated, summarize(ordered)
+
+
+def copy_docs(store: ObjectStore, docs_dir: str, prefix: str) -> str:
+    """Copy a rendered Data Docs site into the store under `prefix`; returns the index page's key."""
+    store.delete(prefix)
+    for root, _dirs, files in os.walk(docs_dir):
+        for name in files:
+            if name.endswith(SKIPPED_ASSETS):
+                continue
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, docs_dir).replace(os.sep, "/")
+            with open(path, "rb") as f:
+                store.write_bytes(f"{prefix}/{rel}", f.read())
+    return f"{prefix}/index.html"
+
+
+def read_frame(store: ObjectStore, dataset: DatasetVersion) -> pd.DataFrame:
+    """The version's parts as one DataFrame; integer columns stay integers (nullable) when they hold
+    nulls, so a report shows id `51`, not `51.0`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pafs = store.pyarrow_filesystem()
+    table = pa.concat_tables([pq.read_table(store.path(k), filesystem=pafs) for k in dataset.parts])
+    nullable = {pa.int8(): pd.Int8Dtype(), pa.int16(): pd.Int16Dtype(), pa.int32(): pd.Int32Dtype(),
+                pa.int64(): pd.Int64Dtype()}
+    return table.to_pandas(types_mapper=nullable.get)
+
+
+def run_validation(store: ObjectStore, spec: DatasetSpec, dataset: DatasetVersion) -> ValidationReport:
+    """Validate one dataset version against the spec's suite (pure; no Prefect).
+
+    The whole version is read into one DataFrame: GX's pandas engine checks ~1M rows × 10
+    expectations in well under a second, so streaming is not worth its complexity at that size.
+    """
+    frame = read_frame(store, dataset)
+    with tempfile.TemporaryDirectory(prefix="gx-docs-") as docs_dir:
+        success, evaluated, failed = validate_frame(frame, spec, version_label(dataset), docs_dir)
+        docs_key = copy_docs(store, docs_dir, docs_prefix(dataset))
+    return ValidationReport(
+        id=report_id(spec, dataset),
+        dataset=dataset.dataset,
+        code_version=code_version(sys.modules[__name__]),
+        inputs={"dataset": dataset.id},
+        dataset_version=dataset.id,
+        success=success and not failed,
+        evaluated=evaluated,
+        failed=failed,
+        docs_key=docs_key,
+    )
+
+
+def failure_line(report: ValidationReport, limit: int = 6) -> str:
+    """The failed expectations as one line: `type(column) detail; …`."""
+    items = [f"{f.expectation}({f.column})" if f.column else f.expectation for f in report.failed]
+    parts = [f"{name} {f.detail}".strip() for name, f in zip(items, report.failed)]
+    more = len(parts) - limit
+    return "; ".join(parts[:limit]) + (f"; and {more} more" if more > 0 else "")
+
+
+def require_passed(report: ValidationReport, dataset: DatasetVersion) -> None:
+    """Refuse a dataset version that has no passing validation report.
+
+    Raises:
+        QuarantinedError: the report failed, or it is about another version.
+    """
+    label = version_label(dataset)
+    if report.dataset_version != dataset.id or report.dataset != dataset.dataset:
+        raise QuarantinedError(
+            f"dataset {label} is quarantined: validation report {report.id} is for "
+            f"{report.dataset}@{report.dataset_version}, not this version"
+        )
+    if not report.success:
+        names = ", ".join(f"{f.expectation}({f.column})" if f.column else f.expectation for f in report.failed)
+        raise QuarantinedError(f"dataset {label} is quarantined: validation failed ({names or 'no details'})")
+
+
+def report_markdown(report: ValidationReport, store: ObjectStore) -> str:
+    """The Prefect artifact body: verdict, counts, failed expectations and where the Data Docs are."""
+    verdict = "passed" if report.success else "**failed: quarantined**"
+    lines = [
+        f"# Validation of {report.dataset}@{report.dataset_version}: {verdict}", "",
+        "| result | value |", "|---|---|",
+        f"| expectations evaluated | {report.evaluated} |",
+        f"| failed | {len(report.failed)} |",
+        f"| report | `{report.key}` |",
+        f"| Data Docs | `{store.uri(report.docs_key) if report.docs_key else 'none'}` |", "",
+    ]
+    if report.failed:
+        lines += ["## Failed expectations", "", "| expectation | column | detail |", "|---|---|---|"]
+        lines += [f"| {f.expectation} | {f.column or ''} | {f.detail.replace('|', '/')} |" for f in report.failed]
+    return "\n".join(lines)
+
+
+@task(name="validate-dataset", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error,
+      tags=["lifecycle", "validate"])
+def validate_task(store: ObjectStore, spec: DatasetSpec, dataset: DatasetVersion) -> ValidationReport:
+    """Prefect wrapper: a failing suite is a result (the quarantine record), not a task failure."""
+    return run_validation(store, spec, dataset)

@@ -1,0 +1,166 @@
+"""The validation gate on real data: the sample passes, injected bad rows are each named, Data Docs land
+in the store, and quarantined versions are refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from lifecycle.errors import QuarantinedError
+from lifecycle.records import DatasetVersion, stable_hash
+from lifecycle.sample import SAMPLE_SPEC, generate_tickets
+from lifecycle.spec import DatasetSpec, parse_spec
+from tasks.validation import build_expectations, build_suite, report_id, require_passed, run_validation
+
+BAD_ROW_FAILURES = {
+    ("expect_column_values_to_be_between", "sentiment"),
+    ("expect_column_values_to_not_be_null", "ticket_id"),
+    ("expect_column_values_to_be_unique", "ticket_id"),
+    ("expect_column_values_to_be_in_set", "category"),
+}
+
+
+def spec_of(**changes) -> DatasetSpec:
+    return parse_spec({**SAMPLE_SPEC, "source": "tickets.csv", **changes})
+
+
+def bad_tickets(rows: int = 600) -> pd.DataFrame:
+    """The sample with each kind of bad row injected: 3 out of range, a null id, a duplicate id, a stray label."""
+    frame = generate_tickets(rows)
+    frame["ticket_id"] = frame["ticket_id"].astype("Int64")
+    frame.loc[[10, 20, 30], "sentiment"] = [5.0, -3.5, 7.25]
+    frame.loc[40, "ticket_id"] = pd.NA
+    frame.loc[51, "ticket_id"] = frame.loc[50, "ticket_id"]
+    frame.loc[60, "category"] = "spam"
+    return frame
+
+
+def ingest_frame(store, sample_files: tuple[Path, Path], frame: pd.DataFrame) -> tuple[DatasetSpec, DatasetVersion]:
+    """Overwrite the sample CSV with `frame` and ingest it for real."""
+    from lifecycle.spec import load_spec
+    from tasks.ingest import ingest_dataset
+
+    csv_path, spec_path = sample_files
+    frame.to_csv(csv_path, index=False)
+    spec = load_spec(spec_path)
+    return spec, ingest_dataset(store, spec)
+
+
+def write_version(store, frame: pd.DataFrame, name: str = "tickets") -> DatasetVersion:
+    """A version written directly (bypassing ingest, which itself refuses some bad inputs)."""
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    version = stable_hash(frame.to_json())
+    key = f"datasets/{name}/{version}/part-00000.parquet"
+    store.filesystem().makedirs(store.path(f"datasets/{name}/{version}"), exist_ok=True)
+    pq.write_table(table, store.path(key), filesystem=store.pyarrow_filesystem())
+    return DatasetVersion(id=version, dataset=name, source="test", path=f"datasets/{name}/{version}", parts=[key],
+                          rows=len(frame), bytes=0, schema={f.name: str(f.type) for f in table.schema}, spec_hash="")
+
+
+def kinds(expectations) -> list[tuple[str, str | None]]:
+    return [(e.expectation_type, getattr(e, "column", None)) for e in expectations]
+
+
+def test_suite_from_spec_covers_schema_ids_labels_ranges_nulls_and_rows():
+    spec = spec_of()
+    exps = build_expectations(spec)
+    by_kind = {(e.expectation_type, getattr(e, "column", None)): e for e in exps}
+    for col in spec.required_columns:
+        assert ("expect_column_to_exist", col) in by_kind
+    for col in spec.numeric_features:
+        assert "float64" in by_kind[("expect_column_values_to_be_in_type_list", col)].type_list
+    for col in ["category", "channel", "plan", "text"]:
+        assert by_kind[("expect_column_values_to_be_of_type", col)].type_ == "str"
+    assert by_kind[("expect_column_values_to_not_be_null", "ticket_id")].mostly == 1
+    assert by_kind[("expect_column_values_to_not_be_null", "category")].mostly == 1
+    assert by_kind[("expect_column_values_to_not_be_null", "sentiment")].mostly == pytest.approx(0.95)
+    assert ("expect_column_values_to_be_unique", "ticket_id") in by_kind
+    assert set(by_kind[("expect_column_values_to_be_in_set", "category")].value_set) == set(SAMPLE_SPEC["expectations"]["allowed_labels"])
+    classes = by_kind[("expect_column_unique_value_count_to_be_between", "category")]
+    assert (classes.min_value, classes.max_value) == (2, None)
+    sentiment = by_kind[("expect_column_values_to_be_between", "sentiment")]
+    assert (sentiment.min_value, sentiment.max_value) == (-1, 1)
+    assert by_kind[("expect_column_values_to_be_between", "account_age_days")].max_value is None
+    rows = by_kind[("expect_table_row_count_to_be_between", None)]
+    assert (rows.min_value, rows.max_value) == (100, None)
+    assert len(by_kind) == len(exps), "no expectation is added twice"
+    assert kinds(build_suite(spec).expectations) == kinds(exps)
+
+
+def test_suite_adapts_to_task_and_overrides():
+    binary = build_expectations(spec_of(task="binary", expectations={"not_null": ["plan"], "max_null_fraction": 0.2}))
+    by_kind = {(e.expectation_type, getattr(e, "column", None)): e for e in binary}
+    assert by_kind[("expect_column_unique_value_count_to_be_between", "category")].max_value == 2
+    assert ("expect_column_values_to_be_in_set", "category") not in by_kind  # no allowed_labels given
+    assert by_kind[("expect_column_values_to_not_be_null", "plan")].mostly == 1  # strict wins over max_null_fraction
+    assert by_kind[("expect_column_values_to_not_be_null", "channel")].mostly == pytest.approx(0.8)
+
+    regression = build_expectations(spec_of(task="regression", label_column="sentiment",
+                                            numeric_features=["account_age_days"], expectations={}))
+    by_kind = {(e.expectation_type, getattr(e, "column", None)): e for e in regression}
+    assert ("expect_column_values_to_be_in_type_list", "sentiment") in by_kind
+    assert not any(k[0] == "expect_column_unique_value_count_to_be_between" for k in by_kind)
+
+
+def test_sample_passes_and_data_docs_land_in_the_store(lake, sample_spec, dataset_version):
+    report = run_validation(lake, sample_spec, dataset_version)
+
+    assert report.success and report.failed == []
+    assert report.evaluated == len(build_expectations(sample_spec))
+    assert report.id == report_id(sample_spec, dataset_version)
+    assert report.dataset_version == dataset_version.id and report.inputs == {"dataset": dataset_version.id}
+    assert report.docs_key == f"validation/tickets/{dataset_version.id}/docs/index.html"
+    index = lake.read_bytes(report.docs_key).decode()
+    assert "<html" in index.lower() and "tickets" in index
+    pages = [k for k in lake.list_keys(f"validation/tickets/{dataset_version.id}/docs") if "/validations/" in k]
+    assert len(pages) == 1 and pages[0].endswith(".html")
+    require_passed(report, dataset_version)
+
+
+def test_bad_rows_name_each_failed_expectation(lake, sample_files):
+    spec, dataset = ingest_frame(lake, sample_files, bad_tickets())
+    report = run_validation(lake, spec, dataset)
+
+    assert not report.success and report.quarantined
+    assert {(f.expectation, f.column) for f in report.failed} == BAD_ROW_FAILURES
+    detail = {f.column + ":" + f.expectation: f.detail for f in report.failed}
+    assert detail["sentiment:expect_column_values_to_be_between"].startswith("3 rows unexpected (0.5%)")
+    assert all(v in detail["sentiment:expect_column_values_to_be_between"] for v in ("5.0", "-3.5", "7.25"))
+    assert detail["ticket_id:expect_column_values_to_not_be_null"].startswith("1 row unexpected")
+    assert "'spam'" in detail["category:expect_column_values_to_be_in_set"]
+    assert detail["ticket_id:expect_column_values_to_be_unique"].endswith("e.g. 51")  # ids stay integers
+    assert lake.exists(report.docs_key)
+    with pytest.raises(QuarantinedError, match=rf"dataset tickets@{dataset.id} is quarantined: validation failed "
+                                               r"\(.*expect_column_values_to_be_between\(sentiment\)"):
+        require_passed(report, dataset)
+
+
+def test_single_class_label_fails(lake):
+    frame = generate_tickets(200)
+    frame["category"] = "billing"
+    spec = spec_of()
+    report = run_validation(lake, spec, write_version(lake, frame))
+
+    assert [(f.expectation, f.column, f.detail) for f in report.failed] == [
+        ("expect_column_unique_value_count_to_be_between", "category", "observed 1 (expected >= 2)")]
+
+
+def test_missing_column_and_too_few_rows_reported_once(lake):
+    frame = generate_tickets(50).drop(columns=["plan"])
+    report = run_validation(lake, spec_of(), write_version(lake, frame))
+
+    assert [(f.expectation, f.column) for f in report.failed] == [
+        ("expect_column_to_exist", "plan"), ("expect_table_row_count_to_be_between", None)]
+    assert report.failed[0].detail == "column not found"
+    assert report.failed[1].detail == "observed 50 (expected >= 100)"
+
+
+def test_report_for_another_version_is_refused(lake, sample_spec, dataset_version):
+    report = run_validation(lake, sample_spec, dataset_version)
+    other = dataset_version.model_copy(update={"id": "0" * 16})
+    with pytest.raises(QuarantinedError, match=rf"tickets@{'0' * 16} is quarantined: .* is for tickets@{dataset_version.id}"):
+        require_passed(report, other)
