@@ -98,14 +98,14 @@ class DaskCompute(Block):
                 "memory_limit": self.memory_limit,
                 "processes": True,
                 "host": "127.0.0.1",
-                "dashboard_address": None,
+                "dashboard_address": ":0",
             }
         if self.mode == "cuda":
             kwargs: dict[str, Any] = {
                 "protocol": self.protocol,
                 "threads_per_worker": self.threads_per_worker,
                 "memory_limit": self.memory_limit,
-                "dashboard_address": None,
+                "dashboard_address": ":0",
             }
             if self.n_workers:
                 kwargs["n_workers"] = self.n_workers

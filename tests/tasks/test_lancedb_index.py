@@ -1,0 +1,130 @@
+"""Index: metadata columns, tie-aware exact truth, the ANN ladder on clustered vectors, and its fallback."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from infra_blocks import ObjectStore, VectorStore
+from lifecycle.errors import LifecycleError
+from lifecycle.records import DatasetVersion, EmbeddingSet
+from lifecycle.sample import SAMPLE_SPEC
+from lifecycle.search import Searcher
+from lifecycle.spec import DatasetSpec
+from tasks.embeddings import vectors_to_arrow
+from tasks.lancedb_index import build_index, exact_neighbours, index_markdown, metadata_columns, recall_at_k
+from tasks.records import save_record
+
+DIM = 384
+
+
+def _spec(**index) -> DatasetSpec:
+    return DatasetSpec(name="synth", source="unused.csv", id_column="rid", label_column="label", task="multiclass",
+                       categorical_features=["channel"], numeric_features=["score"], text_column="body", index=index)
+
+
+def test_metadata_columns_default_override_and_reserved():
+    spec = DatasetSpec(**{**SAMPLE_SPEC, "source": "x.csv"})
+    assert metadata_columns(spec) == ["category", "channel", "plan"]
+    custom = spec.model_copy(update={"index": spec.index.model_copy(update={"metadata_columns": ["plan", "text"]})})
+    assert metadata_columns(custom) == ["plan"]  # the text column is stored anyway, as `text`
+    bad = spec.model_copy(update={"index": spec.index.model_copy(update={"metadata_columns": ["vector"]})})
+    with pytest.raises(LifecycleError, match="'vector' is a reserved name"):
+        metadata_columns(bad)
+
+
+def test_exact_neighbours_streams_chunks_and_counts_ties():
+    rng = np.random.default_rng(1)
+    vectors = rng.normal(size=(300, 8)).astype(np.float32)
+    vectors[7] = vectors[3]  # a duplicate: tied with row 3 for every query
+    queries = vectors[[3, 10, 200]]
+    chunks = ((list(range(s, min(s + 64, 300))), vectors[s:s + 64]) for s in range(0, 300, 64))
+    truth = exact_neighbours(chunks, queries, k=5)
+    normed = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    for q, t in zip([3, 10, 200], truth):
+        order = np.argsort(1 - normed @ normed[q])[:5]
+        assert set(order.tolist()) <= t
+    assert {3, 7} <= truth[0] and len(truth[0]) == 5  # both copies count as the nearest
+    assert recall_at_k([[3, 7, 1], [0]], [{3, 7, 9}, {1}], k=3) == pytest.approx(0.5 * (2 / 3) + 0.5 * 0)
+
+
+def _write_synthetic(store: ObjectStore, rows: int = 5000, name: str = "synth", shuffle_parts: bool = False):
+    """A dataset version and an embedding set of clustered vectors, written as the stages write them."""
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(50, DIM)).astype(np.float32)
+    cluster = rng.integers(0, 50, rows)
+    vectors = (centers[cluster] + 0.3 * rng.normal(size=(rows, DIM))).astype(np.float32)
+    ids = np.arange(10_000, 10_000 + rows, dtype=np.int64)
+    data = pa.table({"rid": ids, "label": [f"c{c % 4}" for c in cluster], "score": rng.normal(size=rows),
+                     "channel": rng.choice(["chat", "email"], rows), "body": [f"row {i}" for i in ids]})
+    key = f"datasets/{name}/v1/part-00000.parquet"
+    _put(store, key, data)
+    dataset = DatasetVersion(id="v1", dataset=name, source="synthetic", path=f"datasets/{name}/v1", parts=[key],
+                             rows=rows, bytes=0, schema={f.name: str(f.type) for f in data.schema}, spec_hash="x")
+    save_record(store, dataset)
+    parts = []
+    for i, start in enumerate(range(0, rows, 2000)):
+        stop = min(start + 2000, rows)
+        parts.append(f"embeddings/{name}/e1/part-{i:05d}.parquet")
+        _put(store, parts[-1], pa.table({"id": ids[start:stop], "vector": vectors_to_arrow(vectors[start:stop])}))
+    if shuffle_parts:
+        parts = parts[::-1]
+    embeddings = EmbeddingSet(id="e1", dataset=name, dataset_version="v1", model="synthetic", dim=DIM, rows=rows,
+                              parts=parts, encoded_rows=rows)
+    return embeddings, vectors, ids
+
+
+def _put(store: ObjectStore, key: str, table: pa.Table) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    store.write_bytes(key, buf.getvalue())
+
+
+@pytest.fixture
+def vectors_store(tmp_path) -> VectorStore:
+    return VectorStore(uri=str(tmp_path / "lancedb"))
+
+
+def test_ann_index_reaches_the_target_recall(lake, vectors_store):
+    embeddings, vectors, ids = _write_synthetic(lake)
+    spec = _spec(ann_min_rows=1000, target_recall=0.99, recall_sample=50, k=10)
+    record = build_index(lake, spec, embeddings, vectors_store)
+    assert record.index_type in ("ivf_hnsw_sq", "ivf_pq")
+    assert record.recall_at_k >= 0.99 and record.rows == 5000 and record.k == 10
+    tried = record.index_params["tried"]
+    assert tried[-1]["recall"] == record.recall_at_k and all(t["recall"] < 0.99 for t in tried[:-1])
+    assert record.index_params["query"] == tried[-1]["query"]
+    assert 0 < record.p50_ms <= record.p95_ms
+    table = vectors_store.connect().open_table("synth")
+    assert [i.index_type for i in table.list_indices()] == ["IvfHnswSq" if "hnsw" in record.index_type else "IvfPq"]
+    assert table.tags.list()[record.tag]["version"] == record.table_version
+    assert set(table.schema.names) == {"id", "vector", "text", "label", "channel"}
+    hits = Searcher.from_record(record, vectors_store).search_vector(vectors[123], k=3)
+    assert hits[0]["id"] == ids[123] and hits[0]["text"] == f"row {ids[123]}"
+    assert set(hits[0]["metadata"]) == {"label", "channel"}
+    assert "recall@k" in index_markdown(record)
+
+
+def test_no_ann_setting_good_enough_falls_back_to_exact(lake, vectors_store):
+    embeddings, _, _ = _write_synthetic(lake, rows=3000)
+    spec = _spec(ann_min_rows=1000, target_recall=1.0, recall_sample=30, k=10)
+    weak = [("ivf_pq", ({},))]  # PQ without refinement: far below recall 1.0 on this data
+    record = build_index(lake, spec, embeddings, vectors_store, ladder=weak)
+    assert record.index_type == "exact" and record.recall_at_k == 1.0
+    assert [t["index_type"] for t in record.index_params["tried"]] == ["ivf_pq"]
+    assert record.index_params["tried"][0]["recall"] < 1.0
+    assert list(vectors_store.connect().open_table("synth").list_indices()) == []
+
+
+def test_small_sets_stay_exact_and_misaligned_embeddings_are_refused(lake, vectors_store):
+    embeddings, _, _ = _write_synthetic(lake, rows=1500)
+    record = build_index(lake, _spec(recall_sample=20), embeddings, vectors_store)
+    assert (record.index_type, record.recall_at_k, record.index_params["tried"]) == ("exact", 1.0, [])
+    shuffled, _, _ = _write_synthetic(lake, rows=4500, name="shuffled", shuffle_parts=True)
+    spec = _spec().model_copy(update={"name": "shuffled"})
+    with pytest.raises(LifecycleError, match="do not line up"):
+        build_index(lake, spec, shuffled, vectors_store)
