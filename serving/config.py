@@ -1,0 +1,85 @@
+"""The serving app's configuration: one JSON file per deployment snapshot.
+
+The deploy task writes `config.json` into the snapshot folder next to the model files and starts
+`python -m serving --config FILE`; a rollback restarts an older snapshot from its own file. The file is
+the whole contract between the deploy stage and the server, so the server needs neither MLflow nor
+Prefect nor the object store to start.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_serializer
+
+from lifecycle.errors import LifecycleError
+
+
+class IndexRef(BaseModel):
+    """Which LanceDB table (and which version of it) `/search` answers from."""
+
+    model_config = ConfigDict(extra="forbid")
+    uri: str = Field(..., description="LanceDB URI (folder or s3://…).")
+    table: str = Field(..., description="Table name.")
+    tag: str | None = Field(None, description="Table tag to check out (preferred over version).")
+    version: int | None = Field(None, description="Table version to check out when no tag is given.")
+    storage_options: dict[str, str] = Field(default_factory=dict, description="Lance storage options.")
+    distance_type: str = Field("cosine", description="Metric the index was built with.")
+    query_params: dict[str, int] = Field(
+        default_factory=dict, description="ANN settings the index stage chose (nprobes, refine_factor, ef)."
+    )
+
+
+class ServingConfig(BaseModel):
+    """Everything one server process needs: model files, lineage, index, limits and where to bind."""
+
+    model_config = ConfigDict(extra="forbid")
+    model_dir: str = Field(..., description="Folder holding booster.json and feature_schema.json.")
+    lineage: dict[str, str | None] = Field(
+        default_factory=dict,
+        description="What is served: dataset version, model name/version, index version, deployment id.",
+    )
+    index: IndexRef | None = Field(None, description="Vector index for /search; None disables it.")
+    api_token: SecretStr | None = Field(None, description="Bearer token required by the endpoints.")
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body accepted (413 above).")
+    host: str = Field("127.0.0.1", description="Bind address.")
+    port: int = Field(8765, ge=0, le=65535, description="Bind port.")
+
+    @field_serializer("api_token", when_used="json")
+    def _reveal_token(self, token: SecretStr | None) -> str | None:
+        # The file is the server's only source of the token; it is written 0600 (see `write`).
+        return token.get_secret_value() if token else None
+
+    @property
+    def deployment_id(self) -> str | None:
+        return self.lineage.get("deployment_id")
+
+    def write(self, path: str | Path) -> Path:
+        """Write the config atomically, readable by the owner only (it may hold the token)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(self.model_dump_json(indent=2))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def read(cls, path: str | Path) -> ServingConfig:
+        """Load a config file.
+
+        Raises:
+            LifecycleError: naming the file and the first invalid field.
+        """
+        path = Path(path)
+        try:
+            return cls.model_validate_json(path.read_bytes())
+        except FileNotFoundError as exc:
+            raise LifecycleError(f"{path}: serving config not found") from exc
+        except ValidationError as exc:
+            err: dict[str, Any] = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or "config"
+            raise LifecycleError(f"{path}: invalid serving config: {where}: {err['msg']}") from exc

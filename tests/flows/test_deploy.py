@@ -1,0 +1,112 @@
+"""The deploy flow end to end: MLflow run → snapshot → server process → record; cached, replaced, revived."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from flows.deploy import deploy
+from infra_blocks import ServingTarget, VectorStore
+from lifecycle.errors import LifecycleError
+from lifecycle.records import Deployment, IndexVersion, TrainedModel
+from lifecycle.sample import SAMPLE_SPEC
+from lifecycle.spec import parse_spec
+from tasks import serving as srv
+from tasks.records import find_record, save_record
+from tests.tasks.test_serving import TOKEN, free_port, gone, mlflow_run, model_version, no_stray_servers  # noqa: F401
+
+SPEC = parse_spec({**SAMPLE_SPEC, "name": "tickets", "source": "tickets.csv"})
+
+
+@pytest.fixture
+def targets(tmp_path, lake):
+    serving = ServingTarget(port=free_port(), workdir=str(tmp_path / "serving"), api_token=TOKEN, health_timeout_s=30)
+    return serving, VectorStore(uri=str(tmp_path / "lancedb"))
+
+
+def test_deploy_serves_then_is_cached_then_replaced(tmp_path_factory, lake, targets):
+    serving, vectors = targets
+    mlflow, run_id = mlflow_run(tmp_path_factory)
+    save_record(lake, TrainedModel(id="tm1", dataset="tickets", dataset_version="dv-123", run_id=run_id,
+                                   model_uri=f"runs:/{run_id}/model", metrics={"accuracy": 0.9},
+                                   primary_metric="accuracy", greater_is_better=True))
+    v1 = model_version(run_id, "1")
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    try:
+        first = deploy(SPEC, v1, None, lake, mlflow, vectors, serving)
+        assert first.status == "serving" and first.endpoint == serving.endpoint and first.previous is None
+        assert first.inputs == {"model_version": "mv1"} and first.index_version is None
+        assert find_record(lake, Deployment, first.id) == first
+        lineage = httpx.get(f"{serving.endpoint}/version", headers=auth).json()
+        assert lineage["dataset_version"] == "dv-123" and lineage["model_version"] == "1"
+        assert lineage["deployment_id"] == first.id and lineage["run_id"] == run_id
+        row = {"account_age_days": 30, "prior_tickets": 4, "response_minutes": 12.5, "sentiment": -0.6,
+               "channel": "email", "plan": "pro"}
+        answer = httpx.post(f"{serving.endpoint}/invocations", json={"dataframe_records": [row]}, headers=auth)
+        assert answer.status_code == 200 and len(answer.json()["predictions"]) == 1
+        assert httpx.post(f"{serving.endpoint}/search", json={"query": "refund"}, headers=auth).status_code == 503
+
+        again = deploy(SPEC, v1, None, lake, mlflow, vectors, serving)
+        assert again == first  # same inputs, server still answering: the stored record, no restart
+        assert srv.read_current(serving).pid == int(first.handle)
+
+        second = deploy(SPEC, model_version(run_id, "2"), None, lake, mlflow, vectors, serving)
+        assert second.id != first.id and second.previous == first.id
+        assert gone(int(first.handle)) and srv.read_current(serving).pid == int(second.handle)
+        assert httpx.get(f"{serving.endpoint}/version", headers=auth).json()["model_version"] == "2"
+
+        srv.stop_current(serving, grace_s=5)  # the record exists but nothing answers: deploy again, same id
+        revived = deploy(SPEC, model_version(run_id, "2"), None, lake, mlflow, vectors, serving)
+        assert revived.id == second.id and revived.handle != second.handle and revived.created_at > second.created_at
+        assert httpx.get(f"{serving.endpoint}/health").status_code == 200
+    finally:
+        srv.stop_current(serving, grace_s=5)
+    assert srv.read_current(serving) is None
+
+
+def small_index(vectors: VectorStore) -> IndexVersion:
+    """A 40-row LanceDB table shaped like the index stage's (id, vector, text, metadata), tagged."""
+    import numpy as np
+    import pyarrow as pa
+
+    rng = np.random.default_rng(0)
+    vecs = rng.normal(size=(40, 384)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    table = pa.table({"id": pa.array(range(40), pa.int64()),
+                      "vector": pa.FixedSizeListArray.from_arrays(pa.array(vecs.ravel()), 384),
+                      "text": [f"ticket {i}" for i in range(40)],
+                      "category": ["billing", "technical"] * 20})
+    tbl = vectors.connect().create_table("tickets", table)
+    tbl.tags.create("ds-dv-123", tbl.version)
+    return IndexVersion(id="ix1", dataset="tickets", dataset_version="dv-123", embedding_set="es1",
+                        uri=vectors.uri, table="tickets", table_version=tbl.version, tag="ds-dv-123",
+                        index_type="exact", index_params={"distance_type": "cosine"}, rows=40, k=10,
+                        recall_at_k=1.0, p50_ms=1.0, p95_ms=2.0)
+
+
+def test_deploy_with_an_index_serves_search(tmp_path_factory, lake, targets):
+    """The server opens the pinned table version and embeds queries (MiniLM load: ~7 s)."""
+    serving, vectors = targets
+    mlflow, run_id = mlflow_run(tmp_path_factory)
+    index = small_index(vectors)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    try:
+        record = deploy(SPEC, model_version(run_id), index, lake, mlflow, vectors, serving)
+        assert record.index_version == "ix1" and record.inputs == {"model_version": "mv1", "index": "ix1"}
+        found = httpx.post(f"{serving.endpoint}/search", headers=auth,
+                           json={"query": "refund", "k": 3, "filter": "category = 'billing'"}).json()["results"]
+        assert len(found) == 3 and all(r["metadata"] == {"category": "billing"} for r in found)
+        lineage = httpx.get(f"{serving.endpoint}/version", headers=auth).json()
+        assert lineage["index_version"] == "ix1" and lineage["index_tag"] == "ds-dv-123"
+    finally:
+        srv.stop_current(serving, grace_s=5)
+
+
+def test_docker_target_is_not_implemented_yet(tmp_path_factory, lake, targets):
+    serving, vectors = targets
+    mlflow, run_id = mlflow_run(tmp_path_factory)
+    with pytest.raises(LifecycleError, match=r"docker serving target: not implemented yet \(issue 7\)"):
+        deploy(SPEC, model_version(run_id), None, lake, mlflow, vectors, serving.model_copy(update={"kind": "docker"}))
+    assert not Path(serving.workdir).exists()
