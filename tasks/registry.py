@@ -1,0 +1,224 @@
+"""REGISTER stage: the MLflow model registry, the `challenger` / `champion` aliases and the promotion rule.
+
+Why this shape:
+- Every trained model becomes a version with alias `challenger`; `champion` moves only when the
+  challenger beats the current champion by `train.promotion_margin` on the primary metric, measured
+  on the SAME holdout (the challenger's dataset version, split by the same id hash). Comparing numbers
+  that each model scored on its own data would promote by luck of the split.
+- The decision (text, both values) is written on the version as tags and into the ModelVersion record.
+- Creating the version is idempotent (a version is found again by its run and trained-model tag), so a
+  retry after a dropped connection does not register a second copy.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from prefect import task
+
+from infra_blocks import MlflowTarget, ObjectStore
+from lifecycle.errors import LifecycleError
+from lifecycle.records import DatasetVersion, ModelVersion, TrainedModel, stable_hash
+from lifecycle.spec import DatasetSpec, Task
+from tasks.records import load_record
+from tasks.training import holdout_metrics, load_holdout
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+PROMOTED_EVENT = "lifecycle.model.promoted"
+TAG = "lifecycle."
+# INTERNAL_ERROR is MlflowException's default code (any bug): not a reason to retry by itself.
+TRANSIENT_MLFLOW_CODES = {"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A failure a retry may fix: the tracking server or its database was briefly unreachable."""
+    if isinstance(exc, LifecycleError):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, requests.RequestException):
+        return True
+    if isinstance(exc, MlflowException):
+        # mlflow's REST client wraps connection errors and timeouts as "API request to <url> failed …"
+        return exc.error_code in TRANSIENT_MLFLOW_CODES or re.match(r"API request to \S+ failed", str(exc)) is not None
+    return type(exc).__name__ == "OperationalError"  # sqlalchemy: "database is locked", lost connection
+
+
+def retry_on_connection_error(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect `retry_condition_fn`: retry only transient MLflow failures, never a wrong input."""
+    try:
+        state.result(raise_on_failure=True)
+    except BaseException as exc:  # noqa: BLE001 - classified below
+        return is_transient(exc)
+    return False
+
+
+def model_version_id(trained: TrainedModel, model_name: str, margin: float, version: str) -> str:
+    """Same trained model, model name, promotion rule and code → same record (the stage is skipped)."""
+    return stable_hash(trained.id, model_name, margin, trained.primary_metric, version)
+
+
+def decide(metric: str, greater_is_better: bool, challenger: float, champion: float | None,
+           margin: float, champion_version: str | None = None) -> tuple[bool, str]:
+    """Promote when there is no champion, or the challenger is better by at least `margin` (and > 0).
+
+    A tie never promotes: moving the alias (and redeploying) for no gain only adds risk.
+    """
+    if champion is None or champion_version is None:
+        return True, f"promoted: no champion yet ({metric}={challenger:.4f})"
+    gain = challenger - champion if greater_is_better else champion - challenger
+    direction = "higher" if greater_is_better else "lower"
+    facts = (f"{metric} {challenger:.4f} vs champion v{champion_version} {champion:.4f} "
+             f"({direction} is better, gain {gain:+.4f}, margin {margin:g})")
+    if gain > 0 and gain >= margin:
+        return True, f"promoted: {facts}"
+    return False, f"kept champion v{champion_version}: {facts}"
+
+
+def score_predictions(task_kind: Task, labels: pd.Series, predictions: pd.DataFrame) -> dict[str, float]:
+    """Metrics of a pyfunc's output (with `proba_<class>` columns for classifiers) against true labels."""
+    from serving.pyfunc import PROBA_PREFIX
+
+    if task_kind is Task.regression:
+        return holdout_metrics(task_kind, labels.to_numpy(dtype=float), predictions["prediction"].to_numpy(dtype=float))
+    classes = [c[len(PROBA_PREFIX):] for c in predictions.columns if c.startswith(PROBA_PREFIX)]
+    truth = labels.astype(str).reset_index(drop=True)
+    unseen = sorted(set(truth) - set(classes))  # classes the model never saw: it gave them probability 0
+    proba = predictions[[f"{PROBA_PREFIX}{c}" for c in classes]].to_numpy(dtype=float)
+    proba = np.hstack([proba, np.zeros((len(proba), len(unseen)))])
+    codes = {c: i for i, c in enumerate([*classes, *unseen])}
+    return holdout_metrics(task_kind, truth.map(codes).to_numpy(dtype=int), proba)
+
+
+def champion_value(model_uri: str, spec: DatasetSpec, holdout: pd.DataFrame, metric: str) -> float:
+    """The champion's primary metric on the challenger's holdout, through its own pyfunc."""
+    import mlflow.pyfunc
+
+    model = mlflow.pyfunc.load_model(model_uri)
+    schema = model.metadata.get_input_schema()
+    columns = schema.input_names() if schema is not None else list(holdout.columns)
+    missing = [c for c in columns if c not in holdout.columns]
+    if missing:
+        raise LifecycleError(f"champion needs column(s) this dataset lacks: {', '.join(missing)}")
+    predictions = model.predict(holdout[columns], params={"probabilities": True})
+    scores = score_predictions(spec.task, holdout[spec.label_column], pd.DataFrame(predictions))
+    if metric not in scores:
+        raise LifecycleError(f"champion cannot be scored on {metric!r}")
+    return scores[metric]
+
+
+def _find_version(client: Any, name: str, trained: TrainedModel) -> Any | None:
+    for mv in client.search_model_versions(f"name='{name}' and run_id='{trained.run_id}'"):
+        if mv.tags.get(f"{TAG}trained_model") == trained.id:
+            return mv
+    return None
+
+
+def _champion(client: Any, name: str) -> Any | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
+
+
+def judge(spec: DatasetSpec, trained: TrainedModel, store: ObjectStore, name: str, version: str,
+          current: Any | None) -> tuple[bool, str, float | None]:
+    """(promote?, decision text, champion's value) for the challenger `version` against `current`."""
+    metric, margin = trained.primary_metric, spec.train.promotion_margin
+    challenger = float(trained.metrics[metric])
+    if current is None:
+        return (*decide(metric, trained.greater_is_better, challenger, None, margin), None)
+    if str(current.version) == version:
+        return True, f"promoted: v{version} is already the champion", None
+    # A champion that uses text embeddings encodes the holdout's text itself, as it would in serving.
+    holdout = load_holdout(store, spec, load_record(store, DatasetVersion, trained.dataset_version))
+    try:
+        value = champion_value(f"models:/{name}/{current.version}", spec, holdout, metric)
+    except LifecycleError as exc:
+        return False, f"kept champion v{current.version}: it cannot be scored on this holdout ({exc})", None
+    return (*decide(metric, trained.greater_is_better, challenger, value, margin, str(current.version)), value)
+
+
+def register_version(spec: DatasetSpec, trained: TrainedModel, store: ObjectStore, target: MlflowTarget,
+                     record_id: str, version: str) -> ModelVersion:
+    """Register (or find) the version, alias it `challenger`, score the champion and decide.
+
+    The `champion` alias is NOT moved here: the flow moves it together with publishing the record,
+    so a promoted version never exists without its record.
+    """
+    import mlflow
+
+    metric = trained.primary_metric
+    if metric not in trained.metrics:
+        raise LifecycleError(f"trained model {trained.id} has no {metric!r} metric to compare on")
+    client = target.client()
+    name = target.model_name(spec.name)
+    tags = {f"{TAG}dataset_version": trained.dataset_version, f"{TAG}run_id": trained.run_id,
+            f"{TAG}trained_model": trained.id, f"{TAG}embedding_set": trained.embedding_set or ""}
+    mv = _find_version(client, name, trained)
+    if mv is None:
+        mv = mlflow.register_model(trained.model_uri, name, tags=tags)
+    client.set_registered_model_alias(name, CHALLENGER, mv.version)
+    challenger = float(trained.metrics[metric])
+    current = _champion(client, name)
+    promote, text, champ_value = judge(spec, trained, store, name, str(mv.version), current)
+    decision_tags = {"decision": text, "promoted": str(promote).lower(), "metric": metric,
+                     "challenger_value": f"{challenger:.6g}",
+                     "champion_value": "" if champ_value is None else f"{champ_value:.6g}",
+                     "champion_version": str(current.version) if current is not None else ""}
+    for key, value in decision_tags.items():
+        client.set_model_version_tag(name, mv.version, f"{TAG}{key}", value)
+    return ModelVersion(
+        id=record_id, dataset=spec.name, code_version=version, inputs={"model": trained.id},
+        model_name=name, version=str(mv.version), run_id=trained.run_id, trained_model=trained.id,
+        aliases=[CHALLENGER, CHAMPION] if promote else [CHALLENGER], promoted=promote, decision=text,
+        metric=metric, challenger_value=challenger,
+        champion_version=str(current.version) if current is not None else None, champion_value=champ_value,
+    )
+
+
+def set_champion(target: MlflowTarget, record: ModelVersion) -> str | None:
+    """Point `champion` at the record's version; returns the version it pointed at before (or None)."""
+    client = target.client()
+    previous = _champion(client, record.model_name)
+    client.set_registered_model_alias(record.model_name, CHAMPION, record.version)
+    return str(previous.version) if previous is not None else None
+
+
+def restore_champion(target: MlflowTarget, record: ModelVersion, previous: str | None) -> None:
+    """Undo `set_champion` when the record could not be published."""
+    client = target.client()
+    if previous is None:
+        client.delete_registered_model_alias(record.model_name, CHAMPION)
+    else:
+        client.set_registered_model_alias(record.model_name, CHAMPION, previous)
+
+
+_RETRY = dict(retries=3, retry_delay_seconds=[2, 5, 10], retry_condition_fn=retry_on_connection_error)
+
+
+@task(name="register-model-version", tags=["lifecycle", "register"], **_RETRY)
+def register_task(spec: DatasetSpec, trained: TrainedModel, store: ObjectStore, target: MlflowTarget,
+                  record_id: str, version: str) -> ModelVersion:
+    return register_version(spec, trained, store, target, record_id, version)
+
+
+@task(name="set-champion", tags=["lifecycle", "register"], **_RETRY)
+def set_champion_task(target: MlflowTarget, record: ModelVersion) -> str | None:
+    return set_champion(target, record)
+
+
+@task(name="restore-champion", tags=["lifecycle", "register"], **_RETRY)
+def restore_champion_task(target: MlflowTarget, record: ModelVersion, previous: str | None) -> None:
+    restore_champion(target, record, previous)

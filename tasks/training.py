@@ -1,0 +1,382 @@
+"""TRAIN stage: XGBoost on the Dask cluster, logged to MLflow as a pyfunc that takes raw rows.
+
+Why this shape:
+- Data goes straight from the store's Parquet parts into worker memory (`dd.read_parquet`); the
+  client only ever holds the holdout predictions, so the dataset size is bounded by the cluster.
+- The holdout is a hash of the row id (not a random draw), so a row is always on the same side:
+  the register stage re-creates the identical holdout to compare a challenger with the champion.
+- Features come from `lifecycle.features`, the code serving runs, so train and serve cannot drift.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from prefect import task
+
+from infra_blocks import DaskCompute, MlflowTarget, ObjectStore
+from lifecycle.errors import LifecycleError
+from lifecycle.features import EMBEDDING_PREFIX, FeatureSchema, build_schema, encode_labels, feature_matrix
+from lifecycle.records import DatasetVersion, EmbeddingSet, TrainedModel, ValidationReport, stable_hash
+from lifecycle.spec import DatasetSpec, SplitConfig, Task
+from tasks.policies import retry_unless_user_error
+
+HASH_BUCKETS = 10_000
+HOLDOUT_COLUMN = "__holdout"
+EMBEDDING_COLUMN = "__embedding"
+TRAIN_SECTIONS = ("train", "split", "numeric_features", "categorical_features", "label_column", "task")
+
+# Direction of every metric we report; the primary (promotion) metric must be one of these.
+GREATER_IS_BETTER: dict[str, bool] = {
+    "accuracy": True, "f1_macro": True, "roc_auc": True, "r2": True,
+    "logloss": False, "rmse": False, "mae": False,
+}
+TASK_METRICS: dict[Task, tuple[str, ...]] = {
+    Task.binary: ("accuracy", "f1_macro", "logloss", "roc_auc"),
+    Task.multiclass: ("accuracy", "f1_macro", "logloss"),
+    Task.regression: ("rmse", "mae", "r2"),
+}
+# XGBoost's per-round eval metrics; the LAST one drives early stopping.
+EVAL_METRICS: dict[Task, list[str]] = {
+    Task.binary: ["error", "auc", "logloss"],
+    Task.multiclass: ["merror", "mlogloss"],
+    Task.regression: ["mae", "rmse"],
+}
+
+
+def greater_is_better(metric: str) -> bool:
+    """Whether a larger value of `metric` is better (decides promotion and early-stopping sense)."""
+    try:
+        return GREATER_IS_BETTER[metric]
+    except KeyError:
+        known = ", ".join(sorted(GREATER_IS_BETTER))
+        raise LifecycleError(f"train.metric: unknown metric {metric!r} (known: {known})") from None
+
+
+def primary_metric(spec: DatasetSpec) -> str:
+    """The promotion metric, checked against the task (e.g. rmse makes no sense for a classifier)."""
+    metric = spec.train.primary_metric(spec.task)
+    if metric not in TASK_METRICS[spec.task]:
+        raise LifecycleError(
+            f"train.metric: {metric!r} is not reported for task {spec.task.value} "
+            f"(choose one of {', '.join(TASK_METRICS[spec.task])})"
+        )
+    return metric
+
+
+def holdout_mask(ids: pd.Series, split: SplitConfig) -> np.ndarray:
+    """True for holdout rows: a salted hash of the id, so membership depends on nothing but the id.
+
+    The ids are turned into text first, so an int id and its string form land on the same side.
+    """
+    keys = pd.Series(ids.astype(str).to_numpy(dtype=object) + split.salt, dtype=object)
+    buckets = pd.util.hash_pandas_object(keys, index=False).to_numpy() % HASH_BUCKETS
+    return buckets < int(round(split.holdout_fraction * HASH_BUCKETS))
+
+
+def xgb_params(spec: DatasetSpec, n_classes: int, device: str) -> dict[str, Any]:
+    """Booster parameters for the task: objective, eval metrics and the spec's knobs."""
+    cfg = spec.train
+    params: dict[str, Any] = {
+        "tree_method": "hist",
+        "device": device,
+        "max_depth": cfg.max_depth,
+        "learning_rate": cfg.learning_rate,
+        "seed": cfg.seed,
+        "eval_metric": list(EVAL_METRICS[spec.task]),
+    }
+    if spec.task is Task.binary:
+        params["objective"] = "binary:logistic"
+    elif spec.task is Task.multiclass:
+        params.update(objective="multi:softprob", num_class=n_classes)
+    else:
+        params["objective"] = "reg:squarederror"
+    return params
+
+
+def as_probabilities(raw: np.ndarray) -> np.ndarray:
+    """Booster output of a classifier as an (n, k) probability matrix."""
+    raw = np.asarray(raw, dtype=np.float64)
+    return np.column_stack([1.0 - raw, raw]) if raw.ndim == 1 else raw
+
+
+def holdout_metrics(task: Task, y_true: np.ndarray, raw: np.ndarray) -> dict[str, float]:
+    """Holdout metrics from encoded labels (class indices or values) and the booster's output."""
+    from sklearn import metrics as skm
+
+    y_true = np.asarray(y_true)
+    if task is Task.regression:
+        pred = np.asarray(raw, dtype=np.float64)
+        err = pred - y_true
+        return {
+            "rmse": float(np.sqrt(np.mean(err**2))),
+            "mae": float(np.mean(np.abs(err))),
+            "r2": float(skm.r2_score(y_true, pred)),
+        }
+    proba = np.clip(as_probabilities(raw), 1e-15, 1.0)
+    proba = proba / proba.sum(axis=1, keepdims=True)  # float32 rounding: log_loss wants rows summing to 1
+    labels = list(range(proba.shape[1]))
+    y = y_true.astype(int)
+    pred = proba.argmax(axis=1)
+    out = {
+        "accuracy": float(np.mean(pred == y)),
+        "f1_macro": float(skm.f1_score(y, pred, average="macro", labels=labels, zero_division=0)),
+        "logloss": float(skm.log_loss(y, proba, labels=labels)),
+    }
+    if task is Task.binary and len(np.unique(y)) == 2:
+        out["roc_auc"] = float(skm.roc_auc_score(y, proba[:, 1]))
+    return out
+
+
+def trained_model_id(spec: DatasetSpec, dataset: DatasetVersion, embeddings: EmbeddingSet | None, version: str) -> str:
+    return stable_hash(dataset.id, embeddings.id if embeddings else None, spec.section_hash(*TRAIN_SECTIONS), version)
+
+
+def input_columns(spec: DatasetSpec) -> list[str]:
+    """Raw columns a request must carry (the text column only when the model embeds it)."""
+    cols = [*spec.numeric_features, *spec.categorical_features]
+    return cols + ([spec.text_column] if spec.train.use_text_embeddings and spec.text_column else [])
+
+
+def _vectors(part: pd.DataFrame, id_column: str) -> pd.DataFrame:
+    """An embedding part as (id, vector) whatever its layout: a list `vector` column or `emb_<i>` columns."""
+    ids = part[id_column] if id_column in part.columns else part["id"]
+    if "vector" in part.columns:
+        vectors = [np.asarray(v, dtype=np.float32) for v in part["vector"]]
+    else:
+        cols = sorted((c for c in part.columns if c.startswith(EMBEDDING_PREFIX)),
+                      key=lambda c: int(c[len(EMBEDDING_PREFIX):]))
+        vectors = list(part[cols].to_numpy(dtype=np.float32))
+    return pd.DataFrame({id_column: ids.to_numpy(), EMBEDDING_COLUMN: pd.Series(vectors, dtype=object).to_numpy()},
+                        index=part.index)
+
+
+def embedding_frame(store: ObjectStore, embeddings: EmbeddingSet, id_column: str, id_dtype: Any) -> Any:
+    """The embedding set as a lazy dask frame of (id, vector), ids cast to the dataset's id type."""
+    import dask.dataframe as dd
+
+    raw = dd.read_parquet([store.uri(k) for k in embeddings.parts], storage_options=store.storage_options())
+    meta = pd.DataFrame({id_column: pd.Series(dtype=id_dtype), EMBEDDING_COLUMN: pd.Series(dtype=object)})
+    return raw.map_partitions(lambda p: _vectors(p, id_column).astype({id_column: id_dtype}), meta=meta)
+
+
+def load_frame(store: ObjectStore, spec: DatasetSpec, dataset: DatasetVersion,
+               embeddings: EmbeddingSet | None = None) -> Any:
+    """The version as a lazy dask DataFrame (ids, label, inputs, holdout flag, optional vectors)."""
+    import dask.dataframe as dd
+
+    cols = list(dict.fromkeys([spec.id_column, spec.label_column, *input_columns(spec)]))
+    ddf = dd.read_parquet([store.uri(k) for k in dataset.parts], columns=cols,
+                          storage_options=store.storage_options())
+    ddf = ddf.dropna(subset=[spec.label_column])
+    split = spec.split
+    ddf[HOLDOUT_COLUMN] = ddf[spec.id_column].map_partitions(
+        lambda ids: pd.Series(holdout_mask(ids, split), index=ids.index), meta=(HOLDOUT_COLUMN, bool)
+    )
+    if embeddings is not None and spec.train.use_text_embeddings:
+        vectors = embedding_frame(store, embeddings, spec.id_column, ddf[spec.id_column].dtype)
+        ddf = ddf.merge(vectors, on=spec.id_column, how="left")
+    return ddf
+
+
+def load_holdout(store: ObjectStore, spec: DatasetSpec, dataset: DatasetVersion) -> pd.DataFrame:
+    """The holdout rows as pandas, split exactly as in training (register scores a champion on them)."""
+    import pyarrow.parquet as pq
+
+    cols = list(dict.fromkeys([spec.id_column, spec.label_column, *input_columns(spec)]))
+    pafs = store.pyarrow_filesystem()
+    frames = []
+    for key in dataset.parts:
+        part = pq.read_table(store.path(key), filesystem=pafs, columns=cols).to_pandas()
+        part = part[part[spec.label_column].notna()]
+        frames.append(part[holdout_mask(part[spec.id_column], spec.split)])
+    return pd.concat(frames, ignore_index=True)
+
+
+def _partition_matrix(part: pd.DataFrame, schema: FeatureSchema) -> np.ndarray:
+    emb = None
+    if schema.embedding_dim:
+        vectors = part[EMBEDDING_COLUMN]
+        if vectors.isna().any():
+            raise LifecycleError(f"embedding set lacks vectors for {int(vectors.isna().sum())} row(s)")
+        emb = np.stack(vectors.to_numpy()).astype(np.float32) if len(part) else np.empty((0, schema.embedding_dim))
+    return feature_matrix(part, schema, emb)
+
+
+def observe_schema(client: Any, ddf: Any, spec: DatasetSpec, embedding_dim: int) -> FeatureSchema:
+    """Category levels and label classes seen in the whole version (one pass on the workers)."""
+    wanted = [ddf[c].dropna().astype(str).unique() for c in spec.categorical_features]
+    if spec.task is not Task.regression:
+        wanted.append(ddf[spec.label_column].astype(str).unique())
+    values = client.compute(wanted, sync=True)
+    levels = {c: sorted(v.tolist()) for c, v in zip(spec.categorical_features, values)}
+    classes = sorted(values[-1].tolist()) if spec.task is not Task.regression else []
+    return build_schema(spec, levels, classes, embedding_dim=embedding_dim)
+
+
+@dataclass
+class FitResult:
+    """What training produced, before anything is logged."""
+
+    booster: Any
+    schema: FeatureSchema
+    params: dict[str, Any]
+    history: dict[str, list[float]]
+    metrics: dict[str, float]
+    best_iteration: int
+    y_true: np.ndarray
+    raw: np.ndarray
+    example: pd.DataFrame
+    rows: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def fit(spec: DatasetSpec, dataset: DatasetVersion, store: ObjectStore, compute: DaskCompute,
+        embeddings: EmbeddingSet | None = None) -> FitResult:
+    """Train on the cluster with early stopping on the holdout; the booster is cut at its best round.
+
+    Raises:
+        LifecycleError: one class only, an empty side of the split, or missing embeddings.
+    """
+    import xgboost as xgb
+    import xgboost.dask  # noqa: F401 - not imported by `import xgboost`
+
+    if spec.train.use_text_embeddings and embeddings is None:
+        raise LifecycleError(f"{spec.name}: train.use_text_embeddings needs the embed stage's EmbeddingSet")
+    start = time.perf_counter()
+    emb_dim = embeddings.dim if (embeddings is not None and spec.train.use_text_embeddings) else 0
+    # xgboost.dask calls distributed.get_client() even when handed a client: make ours current.
+    with compute.get_client() as client, client.as_current():
+        ddf = client.persist(load_frame(store, spec, dataset, embeddings))
+        schema = observe_schema(client, ddf, spec, emb_dim)
+        n_feat = len(schema.feature_names)
+        sides = {}
+        for name, sel in (("train", ~ddf[HOLDOUT_COLUMN]), ("holdout", ddf[HOLDOUT_COLUMN])):
+            part = ddf[sel]
+            X = part.map_partitions(_partition_matrix, schema, meta=np.empty((0, n_feat), np.float32))
+            y = part[spec.label_column].map_partitions(encode_labels, schema, meta=np.empty((0,), np.float32))
+            sides[name] = tuple(client.persist([X, y]))  # once: the DMatrix and predict share them
+        counts = [ddf[HOLDOUT_COLUMN].size, ddf[HOLDOUT_COLUMN].sum()]
+        if emb_dim:
+            counts.append(ddf[EMBEDDING_COLUMN].isna().sum())
+        total, held, *lacking = client.compute(counts, sync=True)
+        if lacking and lacking[0]:
+            raise LifecycleError(f"embedding set {embeddings.id} lacks vectors for {int(lacking[0])} row(s) "
+                                 f"of dataset version {dataset.id}")
+        rows = {"train": int(total - held), "holdout": int(held)}
+        empty = [k for k, v in rows.items() if v == 0]
+        if empty:
+            raise LifecycleError(f"{spec.name}: the {empty[0]} side of the split is empty "
+                                 f"({dataset.rows} rows, split.holdout_fraction={spec.split.holdout_fraction})")
+        kw = dict(feature_names=schema.feature_names, feature_types=schema.feature_types, enable_categorical=True)
+        dtrain = xgb.dask.DaskQuantileDMatrix(client, *sides["train"], **kw)
+        dhold = xgb.dask.DaskQuantileDMatrix(client, *sides["holdout"], ref=dtrain, **kw)
+        params = xgb_params(spec, len(schema.classes), compute.resolved_device)
+        out = xgb.dask.train(client, params, dtrain, num_boost_round=spec.train.num_boost_round,
+                             evals=[(dhold, "holdout")], early_stopping_rounds=spec.train.early_stopping_rounds,
+                             verbose_eval=False)
+        booster = out["booster"]
+        best = booster.best_iteration if spec.train.early_stopping_rounds else booster.num_boosted_rounds() - 1
+        if best + 1 < booster.num_boosted_rounds():
+            booster = booster[: best + 1]
+        raw, y_true = client.compute([xgb.dask.inplace_predict(client, booster, sides["holdout"][0]),
+                                      sides["holdout"][1]], sync=True)
+        example = ddf[input_columns(spec)].head(5, npartitions=-1)
+    history = {m: [float(v) for v in vals] for m, vals in out["history"]["holdout"].items()}
+    return FitResult(booster=booster, schema=schema, params=params, history=history,
+                     metrics=holdout_metrics(spec.task, y_true, raw), best_iteration=int(best),
+                     y_true=np.asarray(y_true), raw=np.asarray(raw), example=example.reset_index(drop=True),
+                     rows=rows, seconds=time.perf_counter() - start)
+
+
+def log_training_run(target: MlflowTarget, spec: DatasetSpec, dataset: DatasetVersion, report: ValidationReport,
+                     embeddings: EmbeddingSet | None, result: FitResult, store: ObjectStore, record_id: str,
+                     version: str) -> tuple[str, str]:
+    """Log params, per-round and holdout metrics, lineage tags, plots, raw model files and the pyfunc.
+
+    Returns:
+        (run id, model URI). A failure inside marks the run FAILED; no model is registered here.
+    """
+    import mlflow
+    from mlflow.entities import Metric
+
+    from serving.pyfunc import (BOOSTER_FILE, RUN_ARTIFACT_DIR, SCHEMA_FILE, BoosterPredictor, LifecycleModel,
+                                code_paths, model_signature, pip_requirements)
+    from tasks.plots import log_figures
+
+    target.apply_env()
+    experiment_id = target.experiment_id()
+    tags = {"lifecycle.dataset": spec.name, "lifecycle.dataset_version": dataset.id,
+            "lifecycle.validation_report": report.id, "lifecycle.embedding_set": embeddings.id if embeddings else "",
+            "lifecycle.trained_model": record_id, "lifecycle.code_version": version}
+    params = {k: v for k, v in result.params.items() if k != "eval_metric"}
+    params.update(num_boost_round=spec.train.num_boost_round, early_stopping_rounds=spec.train.early_stopping_rounds,
+                  best_iteration=result.best_iteration, holdout_fraction=spec.split.holdout_fraction,
+                  split_salt=spec.split.salt, train_rows=result.rows["train"], holdout_rows=result.rows["holdout"],
+                  features=len(result.schema.feature_names), use_text_embeddings=spec.train.use_text_embeddings)
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(
+        experiment_id=experiment_id, run_name=f"{spec.name}-{dataset.id[:8]}-{record_id[:8]}", tags=tags
+    ) as run:
+        run_id = run.info.run_id
+        mlflow.log_params(params)
+        now = int(time.time() * 1000)
+        rounds = [Metric(f"holdout_{name}", value, now, step)
+                  for name, values in result.history.items() for step, value in enumerate(values)]
+        client = target.client()
+        for i in range(0, len(rounds), 1000):
+            client.log_batch(run_id, metrics=rounds[i:i + 1000])
+        mlflow.log_metrics(result.metrics)
+        with warnings.catch_warnings(action="ignore", category=UserWarning):  # "source resolves 2 ways"
+            sample = mlflow.data.from_pandas(result.example, source=store.uri(dataset.path),
+                                             name=f"{spec.name}@{dataset.id}", digest=dataset.id[:8])
+        mlflow.log_input(sample, context="training", tags={"rows": str(dataset.rows), "version": dataset.id})
+        log_figures(result.booster, spec.task, result.y_true, result.raw, result.schema.classes)
+        files = Path(tmp) / RUN_ARTIFACT_DIR
+        files.mkdir()
+        result.booster.save_model(str(files / BOOSTER_FILE))
+        (files / SCHEMA_FILE).write_text(result.schema.model_dump_json(indent=2), encoding="utf-8")
+        mlflow.log_artifacts(str(files), RUN_ARTIFACT_DIR)
+        predictor = BoosterPredictor.from_files(files / BOOSTER_FILE, files / SCHEMA_FILE, spec.embed.max_chars)
+        signature = model_signature(result.example, predictor.predict(result.example), spec.numeric_features)
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=LifecycleModel(), signature=signature, input_example=result.example,
+            artifacts={"booster": str(files / BOOSTER_FILE), "feature_schema": str(files / SCHEMA_FILE)},
+            code_paths=code_paths(Path(tmp)), pip_requirements=pip_requirements(bool(result.schema.embedding_dim)),
+            model_config={"text_max_chars": spec.embed.max_chars},
+        )
+    return run_id, info.model_uri
+
+
+def train_model(spec: DatasetSpec, dataset: DatasetVersion, report: ValidationReport, store: ObjectStore,
+                compute: DaskCompute, mlflow: MlflowTarget, record_id: str, version: str,
+                embeddings: EmbeddingSet | None = None) -> TrainedModel:
+    """Fit, log the run and the pyfunc to MLflow, and return the (unpublished) TrainedModel record."""
+    metric = primary_metric(spec)
+    embeddings = embeddings if spec.train.use_text_embeddings else None  # lineage names only what was used
+    result = fit(spec, dataset, store, compute, embeddings)
+    run_id, model_uri = log_training_run(mlflow, spec, dataset, report, embeddings, result, store, record_id, version)
+    inputs = {"dataset": dataset.id, "validation": report.id}
+    if embeddings is not None:
+        inputs["embeddings"] = embeddings.id
+    return TrainedModel(
+        id=record_id, dataset=spec.name, code_version=version, inputs=inputs, dataset_version=dataset.id,
+        embedding_set=embeddings.id if embeddings is not None else None, run_id=run_id, model_uri=model_uri,
+        metrics=result.metrics, primary_metric=metric, greater_is_better=greater_is_better(metric),
+        device=compute.resolved_device, train_seconds=round(result.seconds, 3),
+    )
+
+
+@task(name="train-model", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error,
+      tags=["lifecycle", "train"])
+def train_task(spec: DatasetSpec, dataset: DatasetVersion, report: ValidationReport, store: ObjectStore,
+               compute: DaskCompute, mlflow: MlflowTarget, record_id: str, version: str,
+               embeddings: EmbeddingSet | None = None) -> TrainedModel:
+    """Prefect wrapper: one retry covers a lost worker or a dropped tracking connection."""
+    return train_model(spec, dataset, report, store, compute, mlflow, record_id, version, embeddings)

@@ -1,0 +1,96 @@
+"""Registry: the promotion rule, scoring a champion's pyfunc output, record ids and retry policy."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lifecycle.errors import LifecycleError
+from lifecycle.records import TrainedModel
+from lifecycle.spec import Task
+from tasks import registry
+
+
+def test_first_model_is_promoted():
+    promoted, text = registry.decide("accuracy", True, 0.71, None, margin=0.05)
+    assert promoted and text == "promoted: no champion yet (accuracy=0.7100)"
+
+
+@pytest.mark.parametrize(
+    ("metric", "greater", "challenger", "champion", "margin", "promoted"),
+    [
+        ("accuracy", True, 0.80, 0.75, 0.0, True),
+        ("accuracy", True, 0.80, 0.75, 0.05, True),  # exactly the margin counts
+        ("accuracy", True, 0.80, 0.78, 0.05, False),  # better, but not by the margin
+        ("accuracy", True, 0.75, 0.75, 0.0, False),  # a tie never moves the alias
+        ("accuracy", True, 0.70, 0.75, 0.0, False),
+        ("rmse", False, 1.0, 1.2, 0.1, True),  # lower is better
+        ("rmse", False, 1.2, 1.0, 0.0, False),
+        ("logloss", False, 1.15, 1.2, 0.1, False),
+    ],
+)
+def test_promotion_respects_direction_and_margin(metric, greater, challenger, champion, margin, promoted):
+    decided, text = registry.decide(metric, greater, challenger, champion, margin, champion_version="3")
+    assert decided is promoted
+    assert text.startswith("promoted:" if promoted else "kept champion v3:")
+    assert f"{challenger:.4f}" in text and f"{champion:.4f}" in text and f"margin {margin:g}" in text
+
+
+def test_scores_follow_class_names_not_column_order():
+    labels = pd.Series(["b", "a", "b", "c"])
+    # The champion lists its classes in its own order and never saw class "c".
+    predictions = pd.DataFrame({"prediction": ["b", "a", "a", "b"],
+                                "proba_b": [0.9, 0.2, 0.4, 0.7], "proba_a": [0.1, 0.8, 0.6, 0.3]})
+    scores = registry.score_predictions(Task.multiclass, labels, predictions)
+    assert scores["accuracy"] == 0.5
+    assert scores["logloss"] > 5  # the unseen class got probability ~0
+
+
+def test_scores_for_regression_use_the_prediction_column():
+    scores = registry.score_predictions(Task.regression, pd.Series([1.0, 3.0]),
+                                        pd.DataFrame({"prediction": [2.0, 3.0]}))
+    assert math.isclose(scores["rmse"], math.sqrt(0.5)) and math.isclose(scores["mae"], 0.5)
+
+
+def _trained(**changes) -> TrainedModel:
+    base = dict(id="t1", dataset="tickets", dataset_version="d1", run_id="r1", model_uri="models:/m-1",
+                metrics={"accuracy": 0.8}, primary_metric="accuracy", greater_is_better=True)
+    return TrainedModel(**{**base, **changes})
+
+
+def test_record_id_changes_with_model_rule_and_code():
+    base = registry.model_version_id(_trained(), "tickets", 0.0, "c1")
+    assert base == registry.model_version_id(_trained(), "tickets", 0.0, "c1")
+    others = {registry.model_version_id(_trained(id="t2"), "tickets", 0.0, "c1"),
+              registry.model_version_id(_trained(), "prod-tickets", 0.0, "c1"),
+              registry.model_version_id(_trained(), "tickets", 0.01, "c1"),
+              registry.model_version_id(_trained(primary_metric="logloss"), "tickets", 0.0, "c1"),
+              registry.model_version_id(_trained(), "tickets", 0.0, "c2")}
+    assert base not in others and len(others) == 5
+
+
+def test_only_transient_mlflow_failures_are_retried():
+    import requests
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE
+
+    assert registry.is_transient(requests.ConnectionError("refused"))
+    assert registry.is_transient(ConnectionResetError())
+    assert registry.is_transient(MlflowException("API request to http://mlflow/api failed with exception x"))
+    assert registry.is_transient(MlflowException("busy", error_code=TEMPORARILY_UNAVAILABLE))
+    assert not registry.is_transient(MlflowException("no such model", error_code=RESOURCE_DOES_NOT_EXIST))
+    assert not registry.is_transient(MlflowException("a bug"))  # default INTERNAL_ERROR
+    assert not registry.is_transient(LifecycleError("bad spec"))
+    assert not registry.is_transient(ValueError("bug"))
+
+
+def test_holdout_metrics_shape_is_what_scoring_compares():
+    """score_predictions and training report the same metric names, so the comparison is like for like."""
+    from tasks.training import TASK_METRICS
+
+    labels = pd.Series(["x", "y"] * 5)
+    preds = pd.DataFrame({"prediction": ["x"] * 10, "proba_x": np.full(10, 0.6), "proba_y": np.full(10, 0.4)})
+    assert set(registry.score_predictions(Task.binary, labels, preds)) == set(TASK_METRICS[Task.binary])
