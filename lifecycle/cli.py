@@ -33,9 +33,19 @@ OFFLINE_ENV = {
 }
 
 
-def _prepare_env() -> None:
-    """Offline model loading and quiet telemetry; values a user set explicitly win."""
-    for key, value in OFFLINE_ENV.items():
+QUIET_ENV = {
+    # Prefect and Dask log every step to the console; the CLI shows stage progress and one-line errors
+    # instead. Full logs still reach the Prefect API (`prefect flow-run logs ID`); `-v` shows them here.
+    "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",
+    "DASK_LOGGING__DISTRIBUTED": "error",
+}
+
+
+def _prepare_env(verbose: bool = False) -> None:
+    """Offline model loading and quiet telemetry; values a user set explicitly win.
+
+    Runs before Prefect is imported (its logging is configured at import time)."""
+    for key, value in {**OFFLINE_ENV, **({} if verbose else QUIET_ENV)}.items():
         os.environ.setdefault(key, value)
 
 
@@ -65,17 +75,6 @@ class _RichObserver:
         console.print(f"  [{colour}]✓[/] {stage:<9} {status:<8} {seconds:7.2f}s")
 
 
-def _quiet_prefect_console() -> None:
-    """Prefect's console handler would print every task's traceback; the CLI shows one line instead.
-    The full logs still go to the Prefect API (see `prefect flow-run logs`)."""
-    import logging
-
-    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
-        for handler in logging.getLogger(name).handlers:
-            if type(handler).__name__ == "PrefectConsoleHandler":
-                handler.setLevel(logging.CRITICAL)
-
-
 @app.command()
 def run(
     spec: Optional[Path] = typer.Option(None, "--spec", help="Dataset spec YAML (default: the bundled sample)."),
@@ -84,7 +83,7 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Prefect's logs on the console."),
 ) -> None:
     """Run the whole lifecycle and leave the model answering on 127.0.0.1."""
-    _prepare_env()
+    _prepare_env(verbose)
     try:
         from flows.lifecycle import lifecycle_with_targets
         from lifecycle import progress
@@ -93,8 +92,6 @@ def run(
 
         dataset_spec = load_spec(spec or _default_spec(rows))
         targets = load_profile(profile)
-        if not verbose:
-            _quiet_prefect_console()
         with console.status("starting…") as status:
             restore = progress.set_observer(_RichObserver(status))
             try:
@@ -282,7 +279,10 @@ def down(profile: str = typer.Option("local")) -> None:
         stopped = stop_current(load_profile(profile).serving)
     except LifecycleError as exc:
         _fail(exc)
-    console.print(f"stopped {stopped}" if stopped else "nothing was serving")
+    if stopped:
+        console.print(f"stopped deployment {stopped.deployment_id} (PID {stopped.pid}) on {stopped.host}:{stopped.port}")
+    else:
+        console.print("nothing was serving")
 
 
 @app.command()

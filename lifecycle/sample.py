@@ -38,18 +38,24 @@ def generate_tickets(rows: int, seed: int = 7) -> pd.DataFrame:
         words = list(rng.choice(vocab, size=3)) + list(rng.choice(FILLER, size=3))
         rng.shuffle(words)
         texts.append(" ".join(words))
-    # Numeric features carry some signal about the category so the tabular model learns something real.
+    # Numeric and categorical features carry a category signal (noisy, so the model has work to do)
+    # and the text carries a clean one, so both the tabular model and the search have something real.
+    channel_p = np.array([[0.55, 0.15, 0.2, 0.1], [0.15, 0.55, 0.1, 0.2], [0.2, 0.1, 0.15, 0.55], [0.1, 0.2, 0.55, 0.15]])
+    plan_p = np.array([[0.1, 0.5, 0.4], [0.3, 0.3, 0.4], [0.6, 0.3, 0.1], [0.34, 0.33, 0.33]])
+    u1, u2 = rng.random(rows), rng.random(rows)
+    channel = np.array(CHANNELS, dtype=object)[(u1[:, None] > channel_p[label_idx].cumsum(axis=1)).sum(axis=1)]
+    plan = np.array(PLANS, dtype=object)[(u2[:, None] > plan_p[label_idx].cumsum(axis=1)).sum(axis=1)]
     shift = label_idx.astype(float)
     frame = pd.DataFrame(
         {
             "ticket_id": np.arange(1, rows + 1, dtype=np.int64),
             "text": texts,
-            "channel": rng.choice(CHANNELS, size=rows, p=[0.4, 0.3, 0.2, 0.1]),
-            "plan": np.where(label_idx == 0, rng.choice(PLANS, size=rows, p=[0.2, 0.5, 0.3]), rng.choice(PLANS, size=rows)),
-            "account_age_days": np.round(rng.gamma(2.0, 200.0, size=rows) + 50 * (label_idx == 2), 1),
-            "prior_tickets": rng.poisson(1.0 + shift, size=rows).astype(np.int64),
-            "response_minutes": np.round(rng.exponential(30.0, size=rows) * (1 + 0.5 * (label_idx == 1)), 2),
-            "sentiment": np.round(np.clip(rng.normal(-0.2 * shift + 0.3, 0.4, size=rows), -1, 1), 3),
+            "channel": channel,
+            "plan": plan,
+            "account_age_days": np.round(rng.gamma(2.0, 150.0, size=rows) + 400 * (label_idx == 2), 1),
+            "prior_tickets": rng.poisson(0.5 + 1.5 * shift, size=rows).astype(np.int64),
+            "response_minutes": np.round(rng.exponential(20.0, size=rows) * (1 + 2.0 * (label_idx == 1)), 2),
+            "sentiment": np.round(np.clip(rng.normal(0.5 - 0.3 * shift, 0.3, size=rows), -1, 1), 3),
             "category": np.array(names, dtype=object)[label_idx],
         }
     )
