@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+# Fixture modules for real servers; each issue's fixtures live in their own module.
+pytest_plugins = ["tests.fixtures.s3"]
+
 # Tests never reach a model hub: the encoder is the package-bundled MiniLM.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
