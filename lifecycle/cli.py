@@ -30,6 +30,8 @@ OFFLINE_ENV = {
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "GIT_PYTHON_REFRESH": "quiet",
     "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
 }
 
 
@@ -38,6 +40,7 @@ QUIET_ENV = {
     # instead. Full logs still reach the Prefect API (`prefect flow-run logs ID`); `-v` shows them here.
     "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",
     "DASK_LOGGING__DISTRIBUTED": "error",
+    "TQDM_DISABLE": "1",  # library load bars; the CLI draws its own stage progress
 }
 
 
@@ -73,6 +76,12 @@ class _RichObserver:
     def finished(self, stage: str, status: str, seconds: float) -> None:
         colour = {"ran": "green", "cached": "cyan"}.get(status, "yellow")
         console.print(f"  [{colour}]✓[/] {stage:<9} {status:<8} {seconds:7.2f}s")
+
+    def advanced(self, stage: str, done: int, total: int) -> None:
+        width = 30
+        filled = int(width * done / total) if total else width
+        bar = "█" * filled + "░" * (width - filled)
+        self.status.update(f"[bold]{stage}[/] {bar} {done}/{total} rows")
 
 
 @app.command()
@@ -189,6 +198,8 @@ def status(profile: str = typer.Option("local", help="Profile.")) -> None:
 
 
 def _detail(rec) -> str:
+    if hasattr(rec, "primary_metric"):
+        return f"{rec.primary_metric}={rec.metrics.get(rec.primary_metric, float('nan')):.4f}"
     for attr in ("status", "decision", "recall_at_k", "rows", "success"):
         if hasattr(rec, attr):
             return f"{attr}={getattr(rec, attr)}"
@@ -270,7 +281,7 @@ def search(
 
 @app.command()
 def down(profile: str = typer.Option("local")) -> None:
-    """Stop the serving process this profile started (by its recorded PID)."""
+    """Stop the serving process this profile started, and what `lifecycle up` started (by recorded PIDs)."""
     _prepare_env()
     try:
         from lifecycle.profiles import load_profile
@@ -283,6 +294,11 @@ def down(profile: str = typer.Option("local")) -> None:
         console.print(f"stopped deployment {stopped.deployment_id} (PID {stopped.pid}) on {stopped.host}:{stopped.port}")
     else:
         console.print("nothing was serving")
+    from lifecycle.cli_server import stop_started
+    from lifecycle.profiles import lifecycle_home
+
+    for name in stop_started(lifecycle_home()):
+        console.print(f"stopped {name}")
 
 
 @app.command()
@@ -307,6 +323,19 @@ def blocks_apply(profile: str = typer.Option("local", help="Profile to apply."))
         _fail(exc)
     for role, name in names.items():
         console.print(f"  {role:<8} → {name}")
+
+
+from lifecycle.cli_server import notify, register, up  # noqa: E402 - commands of `lifecycle up` (issue 6)
+
+app.command()(up)
+app.command()(notify)
+app.command()(register)
+
+
+from lifecycle.cli_models import promote, rollback  # noqa: E402 - move @champion by hand, audited (issue 4)
+
+app.command()(promote)
+app.command()(rollback)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -15,12 +15,17 @@ class Observer(Protocol):
 
     def finished(self, stage: str, status: str, seconds: float) -> None: ...
 
+    def advanced(self, stage: str, done: int, total: int) -> None: ...
+
 
 class _Null:
     def started(self, stage: str) -> None:
         return None
 
     def finished(self, stage: str, status: str, seconds: float) -> None:
+        return None
+
+    def advanced(self, stage: str, done: int, total: int) -> None:
         return None
 
 
@@ -45,3 +50,8 @@ def stage_started(stage: str) -> None:
 
 def stage_finished(stage: str, status: str, seconds: float) -> None:
     _observer.finished(stage, status, seconds)
+
+
+def stage_progress(stage: str, done: int, total: int) -> None:
+    """Rows (or items) done so far in a long stage; shown as a progress bar by the CLI."""
+    _observer.advanced(stage, done, total)

@@ -36,6 +36,7 @@ from infra_blocks import DaskCompute, ObjectStore
 from lifecycle import encoder
 from lifecycle.encoder import EMBED_DIM, MODEL_NAME, prepare_texts
 from lifecycle.errors import LifecycleError
+from lifecycle.progress import stage_progress
 from lifecycle.records import DatasetVersion, EmbeddingSet, code_version, stable_hash
 from lifecycle.spec import DatasetSpec
 from tasks.policies import retry_unless_user_error
@@ -292,6 +293,7 @@ def progress_logger(name: str, every: float = 0.1) -> Progress:
     state = {"next": 0.0}
 
     def log(done: int, total: int) -> None:
+        stage_progress("embed", done, total)
         share = done / total if total else 1.0
         if share >= state["next"] or done == total:
             logger.info("embed %s: %d/%d rows (%.0f%%)", name, done, total, 100 * share)
