@@ -22,13 +22,23 @@ from benchmarks.harness import record
 async def _task_seconds(since: datetime) -> float:
     """Summed run time of leaf task runs (not subflow wrappers) started after `since`."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, TaskRunFilter, TaskRunFilterStartTime
+    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterStartTime, TaskRunFilter,
+                                                TaskRunFilterStartTime)
+
+    async def pages(read, **kwargs):
+        out, offset = [], 0
+        while True:
+            page = await read(limit=200, offset=offset, **kwargs)
+            out += page
+            if len(page) < 200:
+                return out
+            offset += 200
 
     async with get_client() as client:
-        tasks = await client.read_task_runs(
-            task_run_filter=TaskRunFilter(start_time=TaskRunFilterStartTime(after_=since)), limit=10_000
-        )
-        flows = await client.read_flow_runs(flow_run_filter=FlowRunFilter(), limit=10_000)
+        tasks = await pages(client.read_task_runs,
+                            task_run_filter=TaskRunFilter(start_time=TaskRunFilterStartTime(after_=since)))
+        flows = await pages(client.read_flow_runs,
+                            flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(after_=since)))
     wrappers = {f.parent_task_run_id for f in flows if f.parent_task_run_id}
     return sum(t.total_run_time.total_seconds() for t in tasks if t.id not in wrappers)
 
@@ -60,12 +70,14 @@ def main() -> None:
             total = time.perf_counter() - t0
             work = asyncio.run(_task_seconds(since))
             for stage in result.stages:
-                record(f"lifecycle.{label}.stage.{stage.stage} ({args.rows} rows, {stage.status})",
-                       stage.seconds, "s", higher_is_better=False)
+                record(f"lifecycle.{label}.stage.{stage.stage} ({args.rows} rows)",
+                       stage.seconds, f"s ({stage.status})", higher_is_better=False)
             record(f"lifecycle.{label}.total ({args.rows} rows)", total, "s", higher_is_better=False)
+            record(f"lifecycle.{label}.stages_own_work ({args.rows} rows)", work, "s", higher_is_better=False)
+            # ratio = overhead / total wall: the share of the run that is orchestration, not work.
             record(f"lifecycle.{label}.orchestration_overhead ({args.rows} rows)", total - work, "s",
-                   baseline="stages' own task time", baseline_value=work, higher_is_better=False,
-                   goal="overhead small against the work")
+                   baseline="total wall", baseline_value=total, higher_is_better=True,
+                   goal="small share of the total")
     finally:
         stop_current(targets.serving)
         close_local_clusters()

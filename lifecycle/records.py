@@ -28,9 +28,20 @@ def stable_hash(*parts: Any, length: int = 16) -> str:
     return hashlib.sha256(blob).hexdigest()[:length]
 
 
+_SOURCE_HASHES: dict[str, str] = {}
+
+
+def _source_hash(module: ModuleType) -> str:
+    # Hashed once per process: the code that runs is the code that was imported, even if the file
+    # on disk changes while a long-lived worker or server process is up.
+    if module.__name__ not in _SOURCE_HASHES:
+        _SOURCE_HASHES[module.__name__] = stable_hash(inspect.getsource(module), length=32)
+    return _SOURCE_HASHES[module.__name__]
+
+
 def code_version(*modules: ModuleType) -> str:
     """A hash of the source of the modules a stage runs, so a code change invalidates its cache."""
-    return stable_hash(*(inspect.getsource(m) for m in modules), length=12)
+    return stable_hash(*(_source_hash(m) for m in modules), length=12)
 
 
 class Record(BaseModel):
@@ -168,6 +179,23 @@ class ModelVersion(Record):
     champion_value: float | None = None
 
 
+class PromotionAudit(Record):
+    """One decision about a model's `champion` alias (register, `lifecycle promote`, `lifecycle rollback`).
+
+    The chain of audits is how `rollback` finds the champion before the current one.
+    """
+
+    kind: ClassVar[str] = "promotion"
+    event: ClassVar[str | None] = "lifecycle.model.champion_decided"
+    model_name: str
+    action: Literal["register", "promote", "rollback"]
+    version: str = Field(..., description="The version decided about (the champion after, when moved).")
+    previous: str | None = Field(None, description="The champion before the decision.")
+    moved: bool = Field(..., description="Whether `champion` now points at `version` because of this decision.")
+    decision: str
+    actor: str = ""
+
+
 class Deployment(Record):
     """What is being served where, and how the rollout went."""
 
@@ -187,7 +215,8 @@ R = TypeVar("R", bound=Record)
 
 RECORD_TYPES: dict[str, type[Record]] = {
     cls.kind: cls
-    for cls in (DatasetVersion, ValidationReport, EmbeddingSet, IndexVersion, TrainedModel, ModelVersion, Deployment)
+    for cls in (DatasetVersion, ValidationReport, EmbeddingSet, IndexVersion, TrainedModel, ModelVersion, Deployment,
+                PromotionAudit)
 }
 
 
