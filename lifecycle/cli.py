@@ -281,7 +281,7 @@ def search(
 
 @app.command()
 def down(profile: str = typer.Option("local")) -> None:
-    """Stop the serving process this profile started, and what `lifecycle up` started (by recorded PIDs)."""
+    """Stop the serving process this profile started (by its recorded PID)."""
     _prepare_env()
     try:
         from lifecycle.profiles import load_profile
@@ -294,11 +294,7 @@ def down(profile: str = typer.Option("local")) -> None:
         console.print(f"stopped deployment {stopped.deployment_id} (PID {stopped.pid}) on {stopped.host}:{stopped.port}")
     else:
         console.print("nothing was serving")
-    from lifecycle.cli_server import stop_started
-    from lifecycle.profiles import lifecycle_home
 
-    for name in stop_started(lifecycle_home()):
-        console.print(f"stopped {name}")
 
 
 @app.command()
@@ -323,19 +319,6 @@ def blocks_apply(profile: str = typer.Option("local", help="Profile to apply."))
         _fail(exc)
     for role, name in names.items():
         console.print(f"  {role:<8} → {name}")
-
-
-from lifecycle.cli_server import notify, register, up  # noqa: E402 - commands of `lifecycle up` (issue 6)
-
-app.command()(up)
-app.command()(notify)
-app.command()(register)
-
-
-from lifecycle.cli_models import promote, rollback  # noqa: E402 - move @champion by hand, audited (issue 4)
-
-app.command()(promote)
-app.command()(rollback)
 
 
 def main() -> None:  # pragma: no cover - console entry point
