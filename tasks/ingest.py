@@ -4,22 +4,26 @@ Why this shape:
 - The source is streamed in Arrow batches, so memory stays bounded whatever the file size.
 - Columns are cast to the types the spec implies (numeric → float64, categorical/text → string,
   label → string or float64), so two files with the same values give the same version.
-- The version is a hash of the normalised rows (order-preserving, independent of batch boundaries),
-  so re-ingesting the same content is a no-op and different content never shares a version.
+- The version is a hash of the normalised rows (order-preserving, independent of batch boundaries,
+  `lifecycle.streaming.ContentHash`), so re-ingesting the same content is a no-op and different
+  content never shares a version.
+- Reading and hashing run up to two row groups ahead in a thread (`prefetch`), overlapping the
+  Parquet encoding and upload of the group before.
 - Parts are written to a staging prefix and moved under `datasets/<name>/<version>/`; the manifest is
   written **last**. A version exists iff its manifest does; leftovers of a failed run are invisible and
   removed by the next ingest.
+- An unreachable store (or S3 source) is a `StoreUnavailableError`: one line like every user error, but
+  transient, so the task retries it; bad input is a plain `LifecycleError` and is never retried.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 import sys
 import uuid
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from contextlib import suppress
 
 import fsspec
 import pandas as pd
@@ -30,13 +34,20 @@ from prefect.logging import get_run_logger
 
 import lifecycle.spec as spec_module
 from infra_blocks import ObjectStore
+from infra_blocks.object_store import is_unreachable, unreachable_error
 from lifecycle.errors import LifecycleError
 from lifecycle.records import DatasetVersion, code_version, dump_record
 from lifecycle.spec import DatasetSpec, Task
+from lifecycle.streaming import ContentHash, prefetch
 from tasks.policies import retry_unless_user_error
 
 ROWS_PER_PART = 250_000
-BLOCK_BYTES = 16 << 20
+# Arrow's streaming CSV/JSON readers read up to 32 blocks ahead (their background queue), so the block
+# size is what bounds their memory: 32 × 2 MB. Small batches are then joined into groups of rows for
+# hashing and for Parquet row groups of a useful size.
+BLOCK_BYTES = 2 << 20
+GROUP_ROWS = 131_072
+HEADER_BYTES = 1 << 20
 MANIFEST = "manifest.json"
 
 
@@ -73,10 +84,8 @@ def _column_error(message: str, names: list[str]) -> str:
 def _csv_batches(f, spec: DatasetSpec, source: str) -> Iterator[pa.RecordBatch]:
     import pyarrow.csv as pacsv
 
-    header_reader = pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=BLOCK_BYTES))
-    names = header_reader.schema.names
+    names = _csv_names(f)
     _require_columns(spec, names, source)
-    f.seek(0)
     wanted = target_schema(spec, pa.string())
     types = {c.name: c.type for c in wanted if c.name != spec.id_column}
     try:
@@ -89,6 +98,30 @@ def _csv_batches(f, spec: DatasetSpec, source: str) -> Iterator[pa.RecordBatch]:
         yield from reader
     except pa.ArrowInvalid as exc:
         raise LifecycleError(f"{source}: {_column_error(str(exc), names)}") from exc
+
+
+def _csv_names(f) -> list[str]:
+    """The CSV's column names, parsed from its first line only; leaves `f` at the start.
+
+    Parsing a copy of the first line (not the file itself) keeps the header parse from racing a
+    reader's read-ahead on the shared file, and costs nothing like a whole block.
+    """
+    import io
+
+    import pyarrow.csv as pacsv
+
+    size = HEADER_BYTES
+    while True:
+        head = f.read(size)
+        f.seek(0)
+        newline = head.find(b"\n")
+        if newline >= 0 or len(head) < size:
+            break
+        size *= 4  # no newline yet: a very long header
+    if newline >= 0:
+        head = head[:newline + 1]
+    reader = pacsv.open_csv(io.BytesIO(head), read_options=pacsv.ReadOptions(block_size=max(len(head), 1)))
+    return reader.schema.names
 
 
 def _parquet_batches(f, spec: DatasetSpec, source: str) -> Iterator[pa.RecordBatch]:
@@ -156,17 +189,6 @@ def normalise(batch: pa.RecordBatch, schema: pa.Schema, source: str) -> pa.Table
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-@dataclass
-class _Hasher:
-    """Order-preserving content hash over rows, independent of how rows are batched."""
-
-    digest: "hashlib._Hash" = field(default_factory=hashlib.sha256)
-
-    def update(self, table: pa.Table) -> None:
-        frame = table.to_pandas()
-        self.digest.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
-
-
 def read_source(store: ObjectStore, spec: DatasetSpec) -> Iterator[tuple[str, pa.Table]]:
     """Yield (file, normalised table) batches of every file the spec's source names."""
     fs, files = expand_source(spec.source, store)
@@ -176,18 +198,30 @@ def read_source(store: ObjectStore, spec: DatasetSpec) -> Iterator[tuple[str, pa
         shown = path if "://" in spec.source or path.startswith("/") else spec.source
         try:
             with fs.open(path, "rb", compression="infer") as f:
+                group: list[pa.Table] = []
                 for batch in READERS[fmt](f, spec, shown):
                     if batch.num_rows == 0:
                         continue
                     if schema is None:
                         schema = target_schema(spec, _id_type(batch, spec))
-                    yield shown, normalise(batch, schema, shown)
-        except (EOFError, zlib.error, OSError) as exc:
+                    group.append(normalise(batch, schema, shown))
+                    if sum(t.num_rows for t in group) >= GROUP_ROWS:
+                        yield shown, pa.concat_tables(group)
+                        group = []
+                if group:
+                    yield shown, pa.concat_tables(group)
+        except LifecycleError:
+            raise
+        except Exception as exc:
+            if is_unreachable(exc):  # the source's endpoint, not its bytes: transient
+                raise unreachable_error(shown, getattr(store, "endpoint_url", None), exc) from exc
             if isinstance(exc, FileNotFoundError):
                 raise LifecycleError(f"{shown}: no such file") from exc
-            raise LifecycleError(f"{shown}: unreadable or truncated ({exc})") from exc
-        except pa.ArrowInvalid as exc:
-            raise LifecycleError(f"{shown}: {str(exc).splitlines()[0]}") from exc
+            if isinstance(exc, (EOFError, zlib.error, OSError)):
+                raise LifecycleError(f"{shown}: unreadable or truncated ({exc})") from exc
+            if isinstance(exc, pa.ArrowInvalid):
+                raise LifecycleError(f"{shown}: {str(exc).splitlines()[0]}") from exc
+            raise
 
 
 def _id_type(batch: pa.RecordBatch, spec: DatasetSpec) -> pa.DataType:
@@ -195,38 +229,63 @@ def _id_type(batch: pa.RecordBatch, spec: DatasetSpec) -> pa.DataType:
     return pa.int64() if pa.types.is_integer(t) else pa.string()
 
 
+def _hashed(tables: Iterator[tuple[str, pa.Table]], hasher: ContentHash) -> Iterator[tuple[str, pa.Table]]:
+    """Pass tables through, feeding each to the hasher first (in order: the digest is order-sensitive)."""
+    for shown, table in tables:
+        hasher.update(table)
+        yield shown, table
+
+
 def _cleanup_invisible(store: ObjectStore, name: str) -> None:
-    """Remove staging leftovers and version folders without a manifest (failed earlier runs)."""
-    for key in {k.split("/")[2] for k in store.list_keys(f"datasets/{name}") if k.count("/") >= 3}:
-        if key == "_staging" or not store.exists(f"datasets/{name}/{key}/{MANIFEST}"):
-            store.delete(f"datasets/{name}/{key}")
+    """Remove staging leftovers and version folders without a manifest (failed earlier runs).
+
+    One listing decides it all (no request per version): a folder is visible iff it holds a manifest.
+    """
+    keys = [k.split("/") for k in store.list_keys(f"datasets/{name}")]
+    folders = {k[2] for k in keys if len(k) >= 4}
+    visible = {k[2] for k in keys if len(k) == 4 and k[3] == MANIFEST}
+    for folder in sorted(folders - visible):
+        store.delete(f"datasets/{name}/{folder}")
 
 
 def ingest_dataset(store: ObjectStore, spec: DatasetSpec, log=None) -> DatasetVersion:
     """Ingest the spec's source into the store and return its DatasetVersion (pure; no Prefect).
 
     Raises:
+        StoreUnavailableError: the store or the source's endpoint did not answer (transient; retry).
         LifecycleError: one line naming the file and the problem; nothing becomes visible.
     """
+    try:
+        return _ingest(store, spec, log)
+    except LifecycleError:
+        raise
+    except Exception as exc:
+        if is_unreachable(exc):
+            raise unreachable_error(store.uri(f"datasets/{spec.name}"), store.endpoint_url, exc) from exc
+        raise
+
+
+def _ingest(store: ObjectStore, spec: DatasetSpec, log=None) -> DatasetVersion:
     _cleanup_invisible(store, spec.name)
     staging = f"datasets/{spec.name}/_staging/{uuid.uuid4().hex}"
     pafs = store.pyarrow_filesystem()
-    hasher, parts, rows, labels = _Hasher(), [], 0, set()
+    hasher, parts, rows, labels = ContentHash(), [], 0, set()
     writer: pq.ParquetWriter | None = None
     part_rows = 0
     schema = None
     try:
-        for shown, table in read_source(store, spec):
+        # Reading and hashing run in the prefetch thread, encoding and uploading here: on two cores
+        # the two halves take about as long as each other.
+        for shown, table in prefetch(_hashed(read_source(store, spec), hasher)):
             schema = table.schema
-            hasher.update(table)
             if spec.task is not Task.regression and len(labels) < 2:
                 labels.update(v for v in table.column(spec.label_column).unique().to_pylist() if v is not None)
             offset = 0
             while offset < table.num_rows:
                 if writer is None:
                     parts.append(f"{staging}/part-{len(parts):05d}.parquet")
-                    if not parts[:-1]:
-                        pafs.create_dir(store.path(staging), recursive=True)
+                    if not parts[:-1]:  # a folder in a file lake; nothing on S3 (no marker objects)
+                        store.filesystem().makedirs(store.path(staging), exist_ok=True)
                     writer = pq.ParquetWriter(store.path(parts[-1]), table.schema, filesystem=pafs)
                     part_rows = 0
                 take = min(ROWS_PER_PART - part_rows, table.num_rows - offset)
@@ -247,36 +306,46 @@ def ingest_dataset(store: ObjectStore, spec: DatasetSpec, log=None) -> DatasetVe
             raise LifecycleError(
                 f"{spec.source}: label column {spec.label_column!r} has one class ({only}); {spec.task.value} needs two or more"
             )
-        hasher.digest.update(str(schema).encode() + spec.name.encode())
-        version = hasher.digest.hexdigest()[:16]
+        version = hasher.hexdigest(str(schema).encode() + spec.name.encode())[:16]
         final = f"datasets/{spec.name}/{version}"
-        if store.exists(f"{final}/{MANIFEST}"):
-            return DatasetVersion.model_validate_json(store.read_bytes(f"{final}/{MANIFEST}"))
-        fs = store.filesystem()
-        moved = []
-        fs.makedirs(store.path(final), exist_ok=True)
-        for i, key in enumerate(parts):
-            dest = f"{final}/part-{i:05d}.parquet"
-            fs.mv(store.path(key), store.path(dest))
-            moved.append(dest)
-        record = DatasetVersion(
-            id=version,
-            dataset=spec.name,
-            code_version=code_version(spec_module, sys.modules[__name__]),
-            source=spec.source,
-            path=final,
-            parts=moved,
-            rows=rows,
-            bytes=sum(fs.size(store.path(k)) for k in moved),
-            schema={f.name: str(f.type) for f in schema},
-            spec_hash=spec.section_hash(),
-        )
-        store.write_bytes(f"{final}/{MANIFEST}", dump_record(record))  # the commit point
-        return record
-    finally:
-        if writer is not None:
-            writer.close()
-        store.delete(staging)
+        if store.exists(f"{final}/{MANIFEST}"):  # the same content again: a no-op
+            record = DatasetVersion.model_validate_json(store.read_bytes(f"{final}/{MANIFEST}"))
+        else:
+            record = _commit(store, spec, version, parts, rows, schema)
+    except BaseException:
+        # Best effort: the store may be what failed. Whatever stays behind has no manifest, so it is
+        # invisible, and the next ingest removes it.
+        with suppress(Exception):
+            if writer is not None:
+                writer.close()
+        with suppress(Exception):
+            store.delete(staging)
+        raise
+    store.delete(staging)
+    return record
+
+
+def _commit(store: ObjectStore, spec: DatasetSpec, version: str, parts: list[str], rows: int,
+            schema: pa.Schema) -> DatasetVersion:
+    """Move the staged parts under the version's prefix, then write the manifest: the commit point."""
+    final = f"datasets/{spec.name}/{version}"
+    moved = [f"{final}/part-{i:05d}.parquet" for i in range(len(parts))]
+    store.move(parts, moved)
+    fs = store.filesystem()
+    record = DatasetVersion(
+        id=version,
+        dataset=spec.name,
+        code_version=code_version(spec_module, sys.modules[__name__]),
+        source=spec.source,
+        path=final,
+        parts=moved,
+        rows=rows,
+        bytes=sum(fs.sizes([store.path(k) for k in moved])),  # one batch of requests, not one per part
+        schema={f.name: str(f.type) for f in schema},
+        spec_hash=spec.section_hash(),
+    )
+    store.write_bytes(f"{final}/{MANIFEST}", dump_record(record))
+    return record
 
 
 def read_dataset(store: ObjectStore, dataset: DatasetVersion, columns: list[str] | None = None) -> pd.DataFrame:
