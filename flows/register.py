@@ -13,9 +13,10 @@ from tasks.records import announce, find_record, publish_record
 
 
 def register_code_version() -> str:
+    import tasks.promotion
     import tasks.registry
 
-    return code_version(tasks.registry, sys.modules[__name__])
+    return code_version(tasks.registry, tasks.promotion, sys.modules[__name__])
 
 
 @flow(name="register", log_prints=True)
@@ -23,9 +24,15 @@ def register(spec: DatasetSpec, trained: TrainedModel, store: ObjectStore, mlflo
     """Register once per (trained model, model name, promotion rule, code); a cached decision is returned.
 
     The champion alias moves together with the record: it is set, the record is published, and if
-    publishing fails the alias goes back to the previous champion. A promoted record also announces
-    `lifecycle.model.promoted`, which the deploy trigger listens for.
+    publishing fails the alias goes back to the previous champion. A promotion is also audited (the
+    chain `lifecycle rollback` walks) and announces `lifecycle.model.promoted`, which the deploy
+    trigger listens for.
+
+    Raises:
+        MlflowUnavailableError: MLflow stayed unreachable through the retries (one line; the champion
+            is unchanged and no record was written).
     """
+    from tasks.promotion import register_audit
     from tasks.registry import (PROMOTED_EVENT, model_version_id, register_task, restore_champion_task,
                                 set_champion_task)
 
@@ -45,6 +52,8 @@ def register(spec: DatasetSpec, trained: TrainedModel, store: ObjectStore, mlflo
         if previous != record.version:
             restore_champion_task(mlflow, record, previous)
         raise
+    if previous != record.version:
+        publish_record(store, register_audit(record, previous))
     announce(record, PROMOTED_EVENT)
     print(f"{record.model_name} v{record.version} is the champion: {record.decision}")
     return record

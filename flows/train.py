@@ -19,9 +19,11 @@ def train_code_version() -> str:
     """Everything that shapes the model and what is logged with it."""
     import serving.pyfunc
     import tasks.plots
+    import tasks.train_data
     import tasks.training
 
-    return code_version(tasks.training, tasks.plots, serving.pyfunc, lifecycle.features, sys.modules[__name__])
+    return code_version(tasks.training, tasks.train_data, tasks.plots, serving.pyfunc, lifecycle.features,
+                        sys.modules[__name__])
 
 
 @flow(name="train", log_prints=True)

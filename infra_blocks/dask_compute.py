@@ -4,19 +4,28 @@
 (one worker per GPU, UCX/InfiniBand/NVLink as configured), `address` connects to a running scheduler,
 and `cluster_class` builds any cluster manager (dask-kubernetes, dask-jobqueue) from a dotted path.
 GPU modules are imported only inside `get_client()` on the machine that uses them.
+
+Every client is checked by `preflight()` before a stage uses it: what the workers actually have
+(threads, memory, GPUs, UCX transports) is asked of the workers themselves and compared with what the
+block asks for, so "mode=cuda but the workers see no GPU" fails at once in one line instead of as a
+CUDA error deep inside xgboost half-way through a run.
 """
 
 from __future__ import annotations
 
 import atexit
 import importlib
+import logging
+import os
+import shutil
+import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
 
 from prefect.blocks.core import Block
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from lifecycle.errors import LifecycleError
 
@@ -44,6 +53,163 @@ def resolve_class(dotted: str) -> type:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as exc:
         raise LifecycleError(f"cluster_class {dotted!r}: cannot import ({exc})") from exc
+
+
+# --- preflight: what the workers really have ---------------------------------------------------------
+
+UCX_PROTOCOLS = ("ucx", "ucxx")
+INFINIBAND_TRANSPORTS = ("rc", "ud", "dc")  # UCX names them rc_verbs, rc_mlx5, ud_verbs, dc_mlx5, …
+NVLINK_TRANSPORT = "cuda_ipc"
+
+
+class WorkerResources(BaseModel):
+    """One worker as it sees itself (GPUs through the CUDA-visible devices of its own process)."""
+
+    address: str
+    name: str = ""
+    threads: int = 0
+    memory_limit: int = Field(0, description="Bytes; 0 = no limit.")
+    gpus: list[str] = Field(default_factory=list, description="Visible GPUs; model code runs on the first.")
+    gpu_memory: list[int] = Field(default_factory=list, description="Bytes per visible GPU.")
+    gpu_uuid: str = Field("", description="UUID of the GPU model code runs on (two workers must not share one).")
+    gpu_probe: str = Field("", description="What found the GPUs (pynvml, cupy, nvidia-smi) or why none did.")
+    ucx_transports: list[str] = Field(default_factory=list, description="Active UCX transports (UCX comms).")
+
+
+class ComputeReport(BaseModel):
+    """What a compute target actually offers; logged by every stage and tagged on every training run."""
+
+    mode: str
+    scheduler: str
+    protocol: str = Field(..., description="Scheme of the scheduler address: tcp, ucx, ucxx, inproc.")
+    device: str = Field(..., description="Device the block asks model code to use.")
+    workers: list[WorkerResources]
+
+    @property
+    def threads(self) -> int:
+        return sum(w.threads for w in self.workers)
+
+    @property
+    def memory(self) -> int:
+        return sum(w.memory_limit for w in self.workers)
+
+    @property
+    def gpu_workers(self) -> int:
+        """Workers that have a GPU to run model code on."""
+        return sum(1 for w in self.workers if w.gpus)
+
+    def _gpu_names(self) -> list[str]:
+        return sorted({w.gpus[0] for w in self.workers if w.gpus})
+
+    def _transports(self) -> list[str]:
+        return sorted({t for w in self.workers for t in w.ucx_transports})
+
+    def summary(self) -> str:
+        names = self._gpu_names()
+        gpus = f"{self.gpu_workers} with a GPU ({', '.join(names)})" if names else "no GPU"
+        ucx = self._transports()
+        return (f"{self.mode} {self.scheduler}: {len(self.workers)} worker(s), {self.threads} thread(s), "
+                f"{self.memory / 2**30:.1f} GiB, {gpus}, device {self.device}"
+                + (f", UCX {'/'.join(ucx)}" if ucx else ""))
+
+    def tags(self, prefix: str = "lifecycle.compute.") -> dict[str, str]:
+        """Flat string tags for MLflow (values cut short: MLflow caps tag length)."""
+        values = {
+            "mode": self.mode, "scheduler": self.scheduler, "protocol": self.protocol, "device": self.device,
+            "workers": len(self.workers), "threads": self.threads, "memory_bytes": self.memory,
+            "gpu_workers": self.gpu_workers, "gpu_names": ", ".join(self._gpu_names()),
+            "gpus_visible_per_worker": ",".join(str(len(w.gpus)) for w in self.workers),
+            "ucx_transports": ",".join(self._transports()),
+        }
+        return {f"{prefix}{k}": str(v)[:500] for k, v in values.items()}
+
+
+def _visible(indices: list[int]) -> list[int]:
+    """The device indices CUDA_VISIBLE_DEVICES leaves to this process, in its order (NVML ignores it)."""
+    raw = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if raw is None:
+        return indices
+    items = [item.strip() for item in raw.split(",") if item.strip()]
+    if not all(item.isdigit() for item in items):  # UUIDs / MIG names: cannot map them to indices
+        return indices
+    return [int(item) for item in items if int(item) in indices]
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def probe_gpus() -> tuple[list[dict[str, Any]], str]:
+    """([{name, memory, uuid}], probe) for the GPUs this process can use, in CUDA order.
+
+    Runs on a worker and imports lazily. pynvml is cheap and exact; cupy also creates the CUDA
+    context (a warm-up for the first kernel); nvidia-smi works where neither package is installed.
+    """
+    notes = []
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            handles = {i: pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())}
+            gpus = [{"name": _text(pynvml.nvmlDeviceGetName(handles[i])),
+                     "memory": int(pynvml.nvmlDeviceGetMemoryInfo(handles[i]).total),
+                     "uuid": _text(pynvml.nvmlDeviceGetUUID(handles[i]))} for i in _visible(sorted(handles))]
+        finally:
+            pynvml.nvmlShutdown()
+        if gpus:
+            return gpus, "pynvml"
+        notes.append("pynvml: no device")
+    except Exception as exc:  # noqa: BLE001 - ImportError, NVMLError_LibraryNotFound, driver errors
+        notes.append(f"pynvml: {type(exc).__name__}")
+    try:
+        import cupy
+
+        runtime = cupy.cuda.runtime
+        props = [runtime.getDeviceProperties(i) for i in range(runtime.getDeviceCount())]
+        if props:
+            return [{"name": _text(p["name"]), "memory": int(p["totalGlobalMem"]),
+                     "uuid": _text(p.get("uuid", b"").hex() if isinstance(p.get("uuid"), bytes) else p.get("uuid", ""))}
+                    for p in props], "cupy"
+        notes.append("cupy: no device")
+    except Exception as exc:  # noqa: BLE001 - ImportError, CUDARuntimeError (no driver / no device)
+        notes.append(f"cupy: {type(exc).__name__}")
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        notes.append("nvidia-smi: not found")
+        return [], "; ".join(notes)
+    try:
+        out = subprocess.run([smi, "--query-gpu=index,uuid,memory.total,name", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+        rows = {}
+        for line in out.strip().splitlines():
+            index, uuid, memory, name = (part.strip() for part in line.split(",", 3))
+            rows[int(index)] = {"name": name, "memory": int(float(memory)) * 2**20, "uuid": uuid}
+        gpus = [rows[i] for i in _visible(sorted(rows))]
+        if gpus:
+            return gpus, "nvidia-smi"
+        notes.append("nvidia-smi: no device")
+    except (subprocess.SubprocessError, OSError, ValueError) as exc:
+        notes.append(f"nvidia-smi: {type(exc).__name__}")
+    return [], "; ".join(notes)
+
+
+def probe_ucx() -> list[str]:
+    """Active UCX transports of this process: ucxx (protocol ucx/ucxx), else ucx-py."""
+    for module in ("ucxx", "ucp"):
+        try:
+            return sorted(importlib.import_module(module).get_active_transports())
+        except Exception:  # noqa: BLE001 - not installed, or UCX not usable in this process
+            continue
+    return []
+
+
+def probe_worker(with_ucx: bool = False) -> dict[str, Any]:
+    """What `preflight` asks of every worker through `client.run` (GPU modules imported only here)."""
+    gpus, probe = probe_gpus()
+    return {"gpus": [g["name"] for g in gpus], "gpu_memory": [g["memory"] for g in gpus],
+            "gpu_uuid": gpus[0]["uuid"] if gpus else "", "gpu_probe": probe,
+            "ucx_transports": probe_ucx() if with_ucx else []}
 
 
 class DaskCompute(Block):
@@ -139,9 +305,73 @@ class DaskCompute(Block):
         except Exception as exc:  # the GPU/cluster library's own error, named in one line
             raise LifecycleError(f"DaskCompute ({self.mode}): cannot start {path}: {exc}") from exc
 
+    def check(self, report: ComputeReport) -> None:
+        """Fail in one line when the workers cannot do what this block asks (pure: unit-tested on CPU).
+
+        Raises:
+            LifecycleError: no workers; a GPU mode or device=cuda on workers without a GPU; two
+                workers on one GPU (xgboost needs one GPU per worker); UCX asked for but the scheduler
+                talks another protocol; InfiniBand or NVLink asked for but no such transport active.
+        """
+        where = f"DaskCompute ({self.mode} {report.scheduler})"
+        if not report.workers:
+            raise LifecycleError(f"{where}: the scheduler has no workers")
+        if self.mode == "cuda" or self.resolved_device == "cuda":
+            lacking = [w for w in report.workers if not w.gpus]
+            if lacking:
+                why = "mode=cuda" if self.mode == "cuda" else "device=cuda"
+                raise LifecycleError(
+                    f"{where}: {why} but {len(lacking)} of {len(report.workers)} worker(s) see no GPU "
+                    f"({lacking[0].address}: {lacking[0].gpu_probe or 'no GPU found'})")
+            owners: dict[str, str] = {}
+            for w in report.workers:
+                if w.gpu_uuid and w.gpu_uuid in owners:
+                    raise LifecycleError(f"{where}: workers {owners[w.gpu_uuid]} and {w.address} share GPU "
+                                         f"{w.gpu_uuid}; xgboost needs one GPU per worker")
+                owners[w.gpu_uuid] = w.address
+        if self.mode == "cuda" and self.protocol in UCX_PROTOCOLS:
+            if report.protocol not in UCX_PROTOCOLS:
+                raise LifecycleError(f"{where}: protocol={self.protocol} but the scheduler talks {report.protocol}")
+            wanted = [("enable_infiniband", self.enable_infiniband, lambda t: t.startswith(INFINIBAND_TRANSPORTS),
+                       "InfiniBand (rc/ud/dc)"),
+                      ("enable_nvlink", self.enable_nvlink, lambda t: t == NVLINK_TRANSPORT, "NVLink (cuda_ipc)")]
+            for w in report.workers:
+                for flag, asked, matches, what in wanted:
+                    if asked and w.ucx_transports and not any(matches(t) for t in w.ucx_transports):
+                        raise LifecycleError(f"{where}: {flag} but worker {w.address} has no {what} transport "
+                                             f"(active: {', '.join(w.ucx_transports)})")
+
+    def preflight(self, client: Any) -> ComputeReport:
+        """Ask every worker what it has, log it as one line, and `check` it against this block.
+
+        Costs one `client.run` round trip (tens of ms on CPU workers); GPU and UCX libraries are
+        imported on the workers only.
+        """
+        info = client.scheduler_info(n_workers=-1)
+        scheduler = str(client.scheduler.address)
+        protocol = scheduler.split("://", 1)[0] if "://" in scheduler else "tcp"
+        probes = client.run(probe_worker, protocol in UCX_PROTOCOLS, on_error="return") if info["workers"] else {}
+        workers = []
+        for address, meta in sorted(info["workers"].items()):
+            probe = probes.get(address)
+            found = probe if isinstance(probe, dict) else {"gpu_probe": f"probe failed: {probe!r}"[:200]}
+            workers.append(WorkerResources(address=address, name=str(meta.get("name", "")),
+                                           threads=int(meta.get("nthreads") or 0),
+                                           memory_limit=int(meta.get("memory_limit") or 0), **found))
+        report = ComputeReport(mode=self.mode, scheduler=scheduler, protocol=protocol, device=self.resolved_device,
+                               workers=workers)
+        _logger().info("compute: %s", report.summary())
+        self.check(report)
+        return report
+
     @contextmanager
-    def get_client(self) -> Iterator[Any]:
-        """A connected `distributed.Client`; started clusters are reused by later stages of the run."""
+    def get_client(self, check: bool = True) -> Iterator[Any]:
+        """A connected `distributed.Client`; started clusters are reused by later stages of the run.
+
+        Args:
+            check: Run `preflight` first (every stage should; pass False to call it yourself and keep
+                its report, as training does to tag the MLflow run).
+        """
         from distributed import Client
 
         if self.mode == "address":
@@ -161,9 +391,21 @@ class DaskCompute(Block):
         except OSError as exc:
             raise LifecycleError(f"DaskCompute: cannot reach the scheduler at {target}: {exc}") from exc
         try:
+            if check:
+                self.preflight(client)
             yield client
         finally:
             client.close()
+
+
+def _logger() -> Any:
+    """The Prefect run logger inside a flow or task (the report lands in the run's logs), else stdlib."""
+    try:
+        from prefect.logging import get_run_logger
+
+        return get_run_logger()
+    except Exception:  # noqa: BLE001 - MissingContextError outside a run
+        return logging.getLogger("lifecycle.compute")
 
 
 def close_local_clusters() -> None:

@@ -136,7 +136,7 @@ class IndexVersion(Record):
     table: str
     table_version: int
     tag: str
-    index_type: Literal["exact", "ivf_pq", "ivf_hnsw_sq"]
+    index_type: Literal["exact", "ivf_flat", "ivf_pq", "ivf_hnsw_sq"]
     index_params: dict[str, Any] = Field(default_factory=dict)
     rows: int
     k: int
@@ -209,6 +209,9 @@ class Deployment(Record):
     handle: str = Field(..., description="PID or container id of the server.")
     status: Literal["serving", "failed", "stopped"]
     previous: str | None = None
+    reason: str | None = Field(None, description="Why the rollout failed (status failed).")
+    image_digest: str | None = Field(None, description="Docker target: id of the image served.")
+    image_size_mb: float | None = Field(None, description="Docker target: size of that image.")
 
 
 R = TypeVar("R", bound=Record)

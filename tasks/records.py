@@ -7,7 +7,7 @@ from prefect.events import emit_event
 
 from infra_blocks import ObjectStore
 from lifecycle.errors import LifecycleError
-from lifecycle.records import ModelVersion, R, Record, dump_record, latest_key, parse_record, record_key
+from lifecycle.records import R, Record, dump_record, latest_key, parse_record, record_key
 
 
 def save_record(store: ObjectStore, record: Record) -> str:
@@ -36,17 +36,6 @@ def load_record(store: ObjectStore, cls: type[R], record_id: str) -> R:
 def latest_record(store: ObjectStore, cls: type[R], dataset: str) -> R | None:
     key = latest_key(cls, dataset)
     return parse_record(cls, store.read_bytes(key)) if store.exists(key) else None
-
-
-def current_champion(store: ObjectStore, dataset: str) -> ModelVersion | None:
-    """The most recently promoted model version of a dataset (what deploy serves when a run's model
-    was not promoted)."""
-    best: ModelVersion | None = None
-    for key in store.list_keys(f"records/{ModelVersion.kind}"):
-        record = parse_record(ModelVersion, store.read_bytes(key))
-        if record.dataset == dataset and record.promoted and (best is None or record.created_at > best.created_at):
-            best = record
-    return best
 
 
 def announce(record: Record, event: str | None = None) -> None:

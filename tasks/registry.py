@@ -8,11 +8,15 @@ Why this shape:
 - The decision (text, both values) is written on the version as tags and into the ModelVersion record.
 - Creating the version is idempotent (a version is found again by its run and trained-model tag), so a
   retry after a dropped connection does not register a second copy.
+- An unreachable tracking server becomes `MlflowUnavailableError`: retried by the tasks, and once the
+  retries are spent it reaches the user as one line (server, step, cause) with the champion unchanged.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -34,10 +38,19 @@ TAG = "lifecycle."
 TRANSIENT_MLFLOW_CODES = {"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"}
 
 
+class MlflowUnavailableError(LifecycleError):
+    """The MLflow tracking server (or its database) could not be reached: refused, reset or timed out.
+
+    Transient: the register tasks retry it; after the last retry it is the one-line error users see.
+    """
+
+    transient = True
+
+
 def is_transient(exc: BaseException) -> bool:
     """A failure a retry may fix: the tracking server or its database was briefly unreachable."""
     if isinstance(exc, LifecycleError):
-        return False
+        return bool(getattr(exc, "transient", False))
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
     import requests
@@ -49,6 +62,34 @@ def is_transient(exc: BaseException) -> bool:
         # mlflow's REST client wraps connection errors and timeouts as "API request to <url> failed …"
         return exc.error_code in TRANSIENT_MLFLOW_CODES or re.match(r"API request to \S+ failed", str(exc)) is not None
     return type(exc).__name__ == "OperationalError"  # sqlalchemy: "database is locked", lost connection
+
+
+def short_reason(exc: BaseException) -> str:
+    """The cause of a connection failure in a few words ("Connection refused", "timed out", a code)."""
+    text = str(exc)
+    errno = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
+    if errno:
+        return errno.group(1).strip()
+    if "timed out" in text.lower() or isinstance(exc, TimeoutError):
+        return "timed out"
+    code = getattr(exc, "error_code", None)
+    if code and code != "INTERNAL_ERROR":
+        return str(code)
+    return (text.splitlines() or [type(exc).__name__])[0][:160]
+
+
+@contextmanager
+def reaching(target: MlflowTarget, doing: str, consequence: str = "the champion is unchanged") -> Iterator[None]:
+    """Turn a transient MLflow failure inside the block into one `MlflowUnavailableError` line."""
+    try:
+        yield
+    except LifecycleError:
+        raise
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        raise MlflowUnavailableError(f"MLflow at {target.tracking_uri} is unreachable while {doing} "
+                                     f"({short_reason(exc)}); {consequence}") from exc
 
 
 def retry_on_connection_error(task: Any, task_run: Any, state: Any) -> bool:
@@ -121,7 +162,8 @@ def _find_version(client: Any, name: str, trained: TrainedModel) -> Any | None:
     return None
 
 
-def _champion(client: Any, name: str) -> Any | None:
+def champion_version(client: Any, name: str) -> Any | None:
+    """The registry version `champion` points at, or None when there is no champion yet."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -156,14 +198,23 @@ def register_version(spec: DatasetSpec, trained: TrainedModel, store: ObjectStor
 
     The `champion` alias is NOT moved here: the flow moves it together with publishing the record,
     so a promoted version never exists without its record.
-    """
-    import mlflow
 
+    Raises:
+        MlflowUnavailableError: the tracking server could not be reached (transient: retried).
+    """
     metric = trained.primary_metric
     if metric not in trained.metrics:
         raise LifecycleError(f"trained model {trained.id} has no {metric!r} metric to compare on")
-    client = target.client()
     name = target.model_name(spec.name)
+    with reaching(target, f"registering {name}", "nothing was promoted"):
+        return _register(spec, trained, store, target, record_id, version, name, metric)
+
+
+def _register(spec: DatasetSpec, trained: TrainedModel, store: ObjectStore, target: MlflowTarget, record_id: str,
+              version: str, name: str, metric: str) -> ModelVersion:
+    import mlflow
+
+    client = target.client()
     tags = {f"{TAG}dataset_version": trained.dataset_version, f"{TAG}run_id": trained.run_id,
             f"{TAG}trained_model": trained.id, f"{TAG}embedding_set": trained.embedding_set or ""}
     mv = _find_version(client, name, trained)
@@ -171,7 +222,7 @@ def register_version(spec: DatasetSpec, trained: TrainedModel, store: ObjectStor
         mv = mlflow.register_model(trained.model_uri, name, tags=tags)
     client.set_registered_model_alias(name, CHALLENGER, mv.version)
     challenger = float(trained.metrics[metric])
-    current = _champion(client, name)
+    current = champion_version(client, name)
     promote, text, champ_value = judge(spec, trained, store, name, str(mv.version), current)
     decision_tags = {"decision": text, "promoted": str(promote).lower(), "metric": metric,
                      "challenger_value": f"{challenger:.6g}",
@@ -190,19 +241,24 @@ def register_version(spec: DatasetSpec, trained: TrainedModel, store: ObjectStor
 
 def set_champion(target: MlflowTarget, record: ModelVersion) -> str | None:
     """Point `champion` at the record's version; returns the version it pointed at before (or None)."""
-    client = target.client()
-    previous = _champion(client, record.model_name)
-    client.set_registered_model_alias(record.model_name, CHAMPION, record.version)
+    with reaching(target, f"moving {record.model_name}@{CHAMPION} to v{record.version}"):
+        client = target.client()
+        previous = champion_version(client, record.model_name)
+        client.set_registered_model_alias(record.model_name, CHAMPION, record.version)
     return str(previous.version) if previous is not None else None
 
 
 def restore_champion(target: MlflowTarget, record: ModelVersion, previous: str | None) -> None:
     """Undo `set_champion` when the record could not be published."""
-    client = target.client()
-    if previous is None:
-        client.delete_registered_model_alias(record.model_name, CHAMPION)
-    else:
-        client.set_registered_model_alias(record.model_name, CHAMPION, previous)
+    fix = (f"`lifecycle promote {record.dataset} {previous} --force` puts it back" if previous is not None
+           else "delete the alias in MLflow")
+    with reaching(target, f"restoring {record.model_name}@{CHAMPION} to v{previous}",
+                  f"{record.model_name}@{CHAMPION} may still point at v{record.version}: {fix}"):
+        client = target.client()
+        if previous is None:
+            client.delete_registered_model_alias(record.model_name, CHAMPION)
+        else:
+            client.set_registered_model_alias(record.model_name, CHAMPION, previous)
 
 
 _RETRY = dict(retries=3, retry_delay_seconds=[2, 5, 10], retry_condition_fn=retry_on_connection_error)

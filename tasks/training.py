@@ -1,11 +1,13 @@
 """TRAIN stage: XGBoost on the Dask cluster, logged to MLflow as a pyfunc that takes raw rows.
 
 Why this shape:
-- Data goes straight from the store's Parquet parts into worker memory (`dd.read_parquet`); the
-  client only ever holds the holdout predictions, so the dataset size is bounded by the cluster.
-- The holdout is a hash of the row id (not a random draw), so a row is always on the same side:
-  the register stage re-creates the identical holdout to compare a challenger with the champion.
+- Data loading lives in `tasks.train_data` (store → worker memory, host or GPU, split by id hash).
+- `boost` is the training step itself (DaskQuantileDMatrix once, evals on a capped slice of the
+  holdout, one xgboost.dask.train call); `fit` wraps it with the preflight, the schema and the holdout
+  scoring, and benchmarks time `boost` against bare single-process xgboost on the same data.
 - Features come from `lifecycle.features`, the code serving runs, so train and serve cannot drift.
+- Nothing reaches MLflow until training has finished: a failed attempt (a worker killed mid-training)
+  leaves no run and no model behind, and the retry starts clean.
 """
 
 from __future__ import annotations
@@ -22,15 +24,15 @@ import pandas as pd
 from prefect import task
 
 from infra_blocks import DaskCompute, MlflowTarget, ObjectStore
+from infra_blocks.dask_compute import ComputeReport
 from lifecycle.errors import LifecycleError
-from lifecycle.features import EMBEDDING_PREFIX, FeatureSchema, build_schema, encode_labels, feature_matrix
+from lifecycle.features import FeatureSchema, build_schema
 from lifecycle.records import DatasetVersion, EmbeddingSet, TrainedModel, ValidationReport, stable_hash
-from lifecycle.spec import DatasetSpec, SplitConfig, Task
+from lifecycle.spec import DatasetSpec, Task
 from tasks.policies import retry_unless_user_error
+from tasks.train_data import (EMBEDDING_COLUMN, EVAL_COLUMN, EVAL_ROWS, HOLDOUT_COLUMN, host_arrays,  # noqa: F401
+                              holdout_mask, input_columns, load_frame, load_holdout, matrix_side)
 
-HASH_BUCKETS = 10_000
-HOLDOUT_COLUMN = "__holdout"
-EMBEDDING_COLUMN = "__embedding"
 TRAIN_SECTIONS = ("train", "split", "numeric_features", "categorical_features", "label_column", "task")
 
 # Direction of every metric we report; the primary (promotion) metric must be one of these.
@@ -69,16 +71,6 @@ def primary_metric(spec: DatasetSpec) -> str:
             f"(choose one of {', '.join(TASK_METRICS[spec.task])})"
         )
     return metric
-
-
-def holdout_mask(ids: pd.Series, split: SplitConfig) -> np.ndarray:
-    """True for holdout rows: a salted hash of the id, so membership depends on nothing but the id.
-
-    The ids are turned into text first, so an int id and its string form land on the same side.
-    """
-    keys = pd.Series(ids.astype(str).to_numpy(dtype=object) + split.salt, dtype=object)
-    buckets = pd.util.hash_pandas_object(keys, index=False).to_numpy() % HASH_BUCKETS
-    return buckets < int(round(split.holdout_fraction * HASH_BUCKETS))
 
 
 def xgb_params(spec: DatasetSpec, n_classes: int, device: str) -> dict[str, Any]:
@@ -139,77 +131,6 @@ def trained_model_id(spec: DatasetSpec, dataset: DatasetVersion, embeddings: Emb
     return stable_hash(dataset.id, embeddings.id if embeddings else None, spec.section_hash(*TRAIN_SECTIONS), version)
 
 
-def input_columns(spec: DatasetSpec) -> list[str]:
-    """Raw columns a request must carry (the text column only when the model embeds it)."""
-    cols = [*spec.numeric_features, *spec.categorical_features]
-    return cols + ([spec.text_column] if spec.train.use_text_embeddings and spec.text_column else [])
-
-
-def _vectors(part: pd.DataFrame, id_column: str) -> pd.DataFrame:
-    """An embedding part as (id, vector) whatever its layout: a list `vector` column or `emb_<i>` columns."""
-    ids = part[id_column] if id_column in part.columns else part["id"]
-    if "vector" in part.columns:
-        vectors = [np.asarray(v, dtype=np.float32) for v in part["vector"]]
-    else:
-        cols = sorted((c for c in part.columns if c.startswith(EMBEDDING_PREFIX)),
-                      key=lambda c: int(c[len(EMBEDDING_PREFIX):]))
-        vectors = list(part[cols].to_numpy(dtype=np.float32))
-    return pd.DataFrame({id_column: ids.to_numpy(), EMBEDDING_COLUMN: pd.Series(vectors, dtype=object).to_numpy()},
-                        index=part.index)
-
-
-def embedding_frame(store: ObjectStore, embeddings: EmbeddingSet, id_column: str, id_dtype: Any) -> Any:
-    """The embedding set as a lazy dask frame of (id, vector), ids cast to the dataset's id type."""
-    import dask.dataframe as dd
-
-    raw = dd.read_parquet([store.uri(k) for k in embeddings.parts], storage_options=store.storage_options())
-    meta = pd.DataFrame({id_column: pd.Series(dtype=id_dtype), EMBEDDING_COLUMN: pd.Series(dtype=object)})
-    return raw.map_partitions(lambda p: _vectors(p, id_column).astype({id_column: id_dtype}), meta=meta)
-
-
-def load_frame(store: ObjectStore, spec: DatasetSpec, dataset: DatasetVersion,
-               embeddings: EmbeddingSet | None = None) -> Any:
-    """The version as a lazy dask DataFrame (ids, label, inputs, holdout flag, optional vectors)."""
-    import dask.dataframe as dd
-
-    cols = list(dict.fromkeys([spec.id_column, spec.label_column, *input_columns(spec)]))
-    ddf = dd.read_parquet([store.uri(k) for k in dataset.parts], columns=cols,
-                          storage_options=store.storage_options())
-    ddf = ddf.dropna(subset=[spec.label_column])
-    split = spec.split
-    ddf[HOLDOUT_COLUMN] = ddf[spec.id_column].map_partitions(
-        lambda ids: pd.Series(holdout_mask(ids, split), index=ids.index), meta=(HOLDOUT_COLUMN, bool)
-    )
-    if embeddings is not None and spec.train.use_text_embeddings:
-        vectors = embedding_frame(store, embeddings, spec.id_column, ddf[spec.id_column].dtype)
-        ddf = ddf.merge(vectors, on=spec.id_column, how="left")
-    return ddf
-
-
-def load_holdout(store: ObjectStore, spec: DatasetSpec, dataset: DatasetVersion) -> pd.DataFrame:
-    """The holdout rows as pandas, split exactly as in training (register scores a champion on them)."""
-    import pyarrow.parquet as pq
-
-    cols = list(dict.fromkeys([spec.id_column, spec.label_column, *input_columns(spec)]))
-    pafs = store.pyarrow_filesystem()
-    frames = []
-    for key in dataset.parts:
-        part = pq.read_table(store.path(key), filesystem=pafs, columns=cols).to_pandas()
-        part = part[part[spec.label_column].notna()]
-        frames.append(part[holdout_mask(part[spec.id_column], spec.split)])
-    return pd.concat(frames, ignore_index=True)
-
-
-def _partition_matrix(part: pd.DataFrame, schema: FeatureSchema) -> np.ndarray:
-    emb = None
-    if schema.embedding_dim:
-        vectors = part[EMBEDDING_COLUMN]
-        if vectors.isna().any():
-            raise LifecycleError(f"embedding set lacks vectors for {int(vectors.isna().sum())} row(s)")
-        emb = np.stack(vectors.to_numpy()).astype(np.float32) if len(part) else np.empty((0, schema.embedding_dim))
-    return feature_matrix(part, schema, emb)
-
-
 def observe_schema(client: Any, ddf: Any, spec: DatasetSpec, embedding_dim: int) -> FeatureSchema:
     """Category levels and label classes seen in the whole version (one pass on the workers)."""
     wanted = [ddf[c].dropna().astype(str).unique() for c in spec.categorical_features]
@@ -219,6 +140,31 @@ def observe_schema(client: Any, ddf: Any, spec: DatasetSpec, embedding_dim: int)
     levels = {c: sorted(v.tolist()) for c, v in zip(spec.categorical_features, values)}
     classes = sorted(values[-1].tolist()) if spec.task is not Task.regression else []
     return build_schema(spec, levels, classes, embedding_dim=embedding_dim)
+
+
+def boost(client: Any, train: tuple[Any, Any], evals: tuple[Any, Any] | None, params: dict[str, Any],
+          num_boost_round: int, early_stopping_rounds: int | None = None,
+          feature_names: list[str] | None = None, feature_types: list[str] | None = None) -> tuple[Any, dict]:
+    """The training step: one DaskQuantileDMatrix per side and one `xgboost.dask.train` call.
+
+    The evaluation matrix shares the training matrix's quantile cuts (`ref`), so it is not sketched
+    again; keep it small (see `train_data.EVAL_ROWS`): it is evaluated on every worker every round.
+
+    Returns:
+        (booster, per-round history of the evaluation set: metric -> values).
+    """
+    import xgboost as xgb
+    import xgboost.dask  # noqa: F401 - not imported by `import xgboost`
+
+    kw = dict(feature_names=feature_names, feature_types=feature_types, enable_categorical=True)
+    dtrain = xgb.dask.DaskQuantileDMatrix(client, *train, **kw)
+    watch = None
+    if evals is not None:
+        watch = [(xgb.dask.DaskQuantileDMatrix(client, *evals, ref=dtrain, **kw), "holdout")]
+    out = xgb.dask.train(client, params, dtrain, num_boost_round=num_boost_round, evals=watch,
+                         early_stopping_rounds=early_stopping_rounds if watch else None, verbose_eval=False)
+    history = {m: [float(v) for v in vals] for m, vals in out["history"].get("holdout", {}).items()}
+    return out["booster"], history
 
 
 @dataclass
@@ -236,64 +182,65 @@ class FitResult:
     example: pd.DataFrame
     rows: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    compute: ComputeReport | None = None
 
 
 def fit(spec: DatasetSpec, dataset: DatasetVersion, store: ObjectStore, compute: DaskCompute,
-        embeddings: EmbeddingSet | None = None) -> FitResult:
-    """Train on the cluster with early stopping on the holdout; the booster is cut at its best round.
+        embeddings: EmbeddingSet | None = None, eval_rows: int = EVAL_ROWS) -> FitResult:
+    """Preflight the cluster, train with early stopping on the holdout, score the whole holdout.
+
+    The booster is cut at its best round and handed back set to run on the CPU (the client may have
+    no GPU); holdout predictions are copied to host memory on the workers before they are gathered.
 
     Raises:
-        LifecycleError: one class only, an empty side of the split, or missing embeddings.
+        LifecycleError: the workers lack what the compute block asks for (e.g. no GPU for cuda), one
+            class only, an empty side of the split, or missing embeddings.
     """
     import xgboost as xgb
-    import xgboost.dask  # noqa: F401 - not imported by `import xgboost`
+    import xgboost.dask  # noqa: F401
 
     if spec.train.use_text_embeddings and embeddings is None:
         raise LifecycleError(f"{spec.name}: train.use_text_embeddings needs the embed stage's EmbeddingSet")
     start = time.perf_counter()
     emb_dim = embeddings.dim if (embeddings is not None and spec.train.use_text_embeddings) else 0
+    device = compute.resolved_device
     # xgboost.dask calls distributed.get_client() even when handed a client: make ours current.
-    with compute.get_client() as client, client.as_current():
-        ddf = client.persist(load_frame(store, spec, dataset, embeddings))
+    with compute.get_client(check=False) as client, client.as_current():
+        report = compute.preflight(client)
+        ddf = client.persist(load_frame(store, spec, dataset, embeddings, eval_rows))
         schema = observe_schema(client, ddf, spec, emb_dim)
-        n_feat = len(schema.feature_names)
-        sides = {}
-        for name, sel in (("train", ~ddf[HOLDOUT_COLUMN]), ("holdout", ddf[HOLDOUT_COLUMN])):
-            part = ddf[sel]
-            X = part.map_partitions(_partition_matrix, schema, meta=np.empty((0, n_feat), np.float32))
-            y = part[spec.label_column].map_partitions(encode_labels, schema, meta=np.empty((0,), np.float32))
-            sides[name] = tuple(client.persist([X, y]))  # once: the DMatrix and predict share them
-        counts = [ddf[HOLDOUT_COLUMN].size, ddf[HOLDOUT_COLUMN].sum()]
+        counts = [ddf[HOLDOUT_COLUMN].size, ddf[HOLDOUT_COLUMN].sum(), ddf[EVAL_COLUMN].sum()]
         if emb_dim:
             counts.append(ddf[EMBEDDING_COLUMN].isna().sum())
-        total, held, *lacking = client.compute(counts, sync=True)
+        total, held, evaluated, *lacking = client.compute(counts, sync=True)
         if lacking and lacking[0]:
             raise LifecycleError(f"embedding set {embeddings.id} lacks vectors for {int(lacking[0])} row(s) "
                                  f"of dataset version {dataset.id}")
-        rows = {"train": int(total - held), "holdout": int(held)}
-        empty = [k for k, v in rows.items() if v == 0]
+        rows = {"train": int(total - held), "holdout": int(held), "eval": int(evaluated)}
+        empty = [k for k in ("train", "holdout") if rows[k] == 0]
         if empty:
             raise LifecycleError(f"{spec.name}: the {empty[0]} side of the split is empty "
                                  f"({dataset.rows} rows, split.holdout_fraction={spec.split.holdout_fraction})")
-        kw = dict(feature_names=schema.feature_names, feature_types=schema.feature_types, enable_categorical=True)
-        dtrain = xgb.dask.DaskQuantileDMatrix(client, *sides["train"], **kw)
-        dhold = xgb.dask.DaskQuantileDMatrix(client, *sides["holdout"], ref=dtrain, **kw)
-        params = xgb_params(spec, len(schema.classes), compute.resolved_device)
-        out = xgb.dask.train(client, params, dtrain, num_boost_round=spec.train.num_boost_round,
-                             evals=[(dhold, "holdout")], early_stopping_rounds=spec.train.early_stopping_rounds,
-                             verbose_eval=False)
-        booster = out["booster"]
+        # Persisted once: the DMatrix and the holdout predictions share them.
+        train = client.persist(list(matrix_side(ddf, ~ddf[HOLDOUT_COLUMN], schema, spec.label_column, device)))
+        hold = client.persist(list(matrix_side(ddf, ddf[HOLDOUT_COLUMN], schema, spec.label_column, device)))
+        evals = hold
+        if rows["eval"] < rows["holdout"]:
+            evals = client.persist(list(matrix_side(ddf, ddf[EVAL_COLUMN], schema, spec.label_column, device)))
+        params = xgb_params(spec, len(schema.classes), device)
+        booster, history = boost(client, tuple(train), tuple(evals), params, spec.train.num_boost_round,
+                                 spec.train.early_stopping_rounds, schema.feature_names, schema.feature_types)
         best = booster.best_iteration if spec.train.early_stopping_rounds else booster.num_boosted_rounds() - 1
         if best + 1 < booster.num_boosted_rounds():
             booster = booster[: best + 1]
-        raw, y_true = client.compute([xgb.dask.inplace_predict(client, booster, sides["holdout"][0]),
-                                      sides["holdout"][1]], sync=True)
+        predicted = xgb.dask.inplace_predict(client, booster, hold[0])
+        raw, y_true = client.compute(host_arrays(predicted, hold[1]), sync=True)
         example = ddf[input_columns(spec)].head(5, npartitions=-1)
-    history = {m: [float(v) for v in vals] for m, vals in out["history"]["holdout"].items()}
+    booster.set_param({"device": "cpu"})
     return FitResult(booster=booster, schema=schema, params=params, history=history,
                      metrics=holdout_metrics(spec.task, y_true, raw), best_iteration=int(best),
                      y_true=np.asarray(y_true), raw=np.asarray(raw), example=example.reset_index(drop=True),
-                     rows=rows, seconds=time.perf_counter() - start)
+                     rows=rows, seconds=time.perf_counter() - start, compute=report)
 
 
 def log_training_run(target: MlflowTarget, spec: DatasetSpec, dataset: DatasetVersion, report: ValidationReport,
@@ -315,11 +262,13 @@ def log_training_run(target: MlflowTarget, spec: DatasetSpec, dataset: DatasetVe
     experiment_id = target.experiment_id()
     tags = {"lifecycle.dataset": spec.name, "lifecycle.dataset_version": dataset.id,
             "lifecycle.validation_report": report.id, "lifecycle.embedding_set": embeddings.id if embeddings else "",
-            "lifecycle.trained_model": record_id, "lifecycle.code_version": version}
+            "lifecycle.trained_model": record_id, "lifecycle.code_version": version,
+            **(result.compute.tags() if result.compute is not None else {})}
     params = {k: v for k, v in result.params.items() if k != "eval_metric"}
     params.update(num_boost_round=spec.train.num_boost_round, early_stopping_rounds=spec.train.early_stopping_rounds,
                   best_iteration=result.best_iteration, holdout_fraction=spec.split.holdout_fraction,
                   split_salt=spec.split.salt, train_rows=result.rows["train"], holdout_rows=result.rows["holdout"],
+                  eval_rows=result.rows.get("eval", result.rows["holdout"]),
                   features=len(result.schema.feature_names), use_text_embeddings=spec.train.use_text_embeddings)
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(
         experiment_id=experiment_id, run_name=f"{spec.name}-{dataset.id[:8]}-{record_id[:8]}", tags=tags

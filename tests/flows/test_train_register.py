@@ -1,9 +1,10 @@
-"""The train and register flows end to end: local Dask, a file-backed SQLite MLflow, a file lake.
+"""The train and register flows end to end: local Dask, a real `mlflow server` (SQLite), a file lake.
 
 One module-scoped scenario trains three models on the same 600-row sample and registers each:
 a weak one (1 stump) becomes the first champion, the default model beats it and is promoted, and a
 second weak one loses and stays challenger. The promotion metric is logloss, which separates these
 models reliably on 120 holdout rows (accuracy would be a coin flip between the two weak ones).
+The last tests move the champion by hand (`lifecycle promote` / `rollback`) on the same registry.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ WORSE = {"num_boost_round": 2, "max_depth": 1}
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from infra_blocks import MlflowTarget, ObjectStore
+def world(tmp_path_factory, mlflow_server):
+    from infra_blocks import ObjectStore
     from lifecycle.sample import write_sample
     from lifecycle.spec import load_spec
     from tasks.ingest import ingest_dataset
@@ -30,7 +31,7 @@ def world(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lifecycle")
     _, spec_path = write_sample(tmp / "raw", rows=600)
     store = ObjectStore(url=f"file://{tmp / 'lake'}")
-    mlflow = MlflowTarget(tracking_uri=f"sqlite:///{tmp}/mlflow.db", artifact_location=f"file://{tmp}/artifacts")
+    mlflow = mlflow_server.target()
     dataset = ingest_dataset(store, load_spec(spec_path))
     save_record(store, dataset)  # as the ingest flow does: register reads the holdout through it
     report = ValidationReport(id="report-ok", dataset=dataset.dataset, dataset_version=dataset.id, success=True,
@@ -39,7 +40,7 @@ def world(tmp_path_factory):
     def spec(**train):
         return load_spec(spec_path, overrides={"train": {"metric": "logloss", **train}})
 
-    return dict(spec=spec, store=store, mlflow=mlflow, dataset=dataset, report=report)
+    return dict(spec=spec, store=store, mlflow=mlflow, dataset=dataset, report=report, spec_path=spec_path, tmp=tmp)
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +170,99 @@ def test_a_champion_that_needs_other_columns_cannot_be_scored(scenario, world):
                         rel_tol=1e-4)
     with pytest.raises(LifecycleError, match="champion needs column\\(s\\) this dataset lacks: plan"):
         champion_value("models:/tickets/1", spec, holdout.drop(columns=["plan"]), "logloss")
+
+
+# --- the champion moved by hand: `lifecycle promote` / `lifecycle rollback` (they run last: they move it) ---
+
+def _profile(world) -> str:
+    """A profile YAML pointing the CLI at this module's lake and MLflow server."""
+    import yaml
+
+    path = world["tmp"] / "profile.yaml"
+    path.write_text(yaml.safe_dump({
+        "store": {"url": world["store"].url}, "compute": {"mode": "local"},
+        "mlflow": {"tracking_uri": world["mlflow"].tracking_uri},
+        "vectors": {"uri": str(world["tmp"] / "lancedb")}, "serving": {"workdir": str(world["tmp"] / "serving")},
+    }))
+    return str(path)
+
+
+def _cli(*args: str):
+    from typer.testing import CliRunner
+
+    from lifecycle.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def test_register_audits_each_automatic_promotion(scenario, world):
+    from tasks.promotion import audits
+
+    trail = [(a.action, a.version, a.previous, a.moved) for a in audits(world["store"], "tickets")]
+    assert trail == [("register", "1", None, True), ("register", "2", "1", True)]
+
+
+def test_promote_refuses_a_worse_version_and_records_why(scenario, world):
+    from tasks.promotion import judging_spec, promote_version
+    from tasks.records import load_record
+    from tasks.specs import register_spec
+
+    register_spec(world["store"], world["spec"]())  # what `lifecycle register` does: the spec to judge with
+    spec = judging_spec(world["store"], world["mlflow"], "tickets", "3")
+    audit = promote_version(spec, world["store"], world["mlflow"], "3", actor="alice")
+    assert not audit.moved and (audit.action, audit.version, audit.previous) == ("promote", "3", "2")
+    assert audit.decision.startswith("kept champion v2: logloss")
+    assert _aliases(world) == {"champion": "2", "challenger": "3"}
+    assert load_record(world["store"], type(audit), audit.id) == audit
+    client = world["mlflow"].client()
+    tags = client.get_model_version("tickets", "3").tags
+    assert tags["lifecycle.decision"] == audit.decision
+    assert tags[f"lifecycle.audit.{audit.id}"] == f"promote by alice: {audit.decision}"
+    assert client.get_registered_model("tickets").tags["lifecycle.champion_decision"].startswith(audit.id)
+
+
+def test_cli_rollback_restores_the_previous_champion(scenario, world):
+    from tasks.promotion import audited_champion
+
+    out = _cli("rollback", "tickets", "--reason", "latency regression", "--profile", _profile(world))
+    assert out.exit_code == 0, out.output
+    assert "tickets@champion → v1: rolled back: v1 is the champion again, v2 demoted (latency regression)" in out.output
+    assert _aliases(world)["champion"] == "1"
+    weak = scenario["steps"]["weak"][2]
+    assert audited_champion(world["store"], "tickets", "tickets") == weak  # what a deploy should now serve
+    demoted = world["mlflow"].client().get_model_version("tickets", "2").tags
+    assert any(v.startswith("demoted: v1 replaced it (rollback") for k, v in demoted.items()
+               if k.startswith("lifecycle.audit."))
+
+
+def test_cli_promotes_a_better_version_and_rollback_walks_the_chain(scenario, world):
+    from tasks.promotion import audits
+
+    profile = _profile(world)
+    out = _cli("promote", "tickets", "2", "--spec", str(world["spec_path"]), "--profile", profile)
+    assert out.exit_code == 0, out.output
+    assert _aliases(world)["champion"] == "2"
+    last = audits(world["store"], "tickets")[-1]
+    assert (last.action, last.version, last.previous, last.moved) == ("promote", "2", "1", True)
+    assert last.decision.startswith("promoted: logloss") and "vs champion v1" in last.decision
+    # Refused: the CLI exits 1 with the decision on one line, and the champion stays.
+    refused = _cli("promote", "tickets", "3", "--spec", str(world["spec_path"]), "--profile", profile)
+    assert refused.exit_code == 1 and "not promoted: kept champion v2" in refused.output
+    # v2 replaced v1 when promoted; v1 was the first champion: a second rollback has nowhere to go.
+    assert _cli("rollback", "tickets", "--profile", profile).exit_code == 0
+    assert _aliases(world)["champion"] == "1"
+    stuck = _cli("rollback", "tickets", "--profile", profile)
+    assert stuck.exit_code == 1 and "names no champion before it" in stuck.output
+    assert _aliases(world)["champion"] == "1"
+
+
+def test_forced_promotion_says_so_and_unknown_versions_fail_in_one_line(scenario, world):
+    from lifecycle.errors import LifecycleError
+    from tasks.promotion import promote_version
+
+    spec = world["spec"]()
+    audit = promote_version(spec, world["store"], world["mlflow"], "3", force=True, reason="hotfix", actor="bob")
+    assert audit.moved and audit.previous == "1" and "--force" in audit.decision and "hotfix" in audit.decision
+    assert _aliases(world)["champion"] == "3"
+    with pytest.raises(LifecycleError, match="model tickets has no version '9'"):
+        promote_version(spec, world["store"], world["mlflow"], "9")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from infra_blocks import DaskCompute
-from infra_blocks.dask_compute import resolve_class
+from infra_blocks.dask_compute import ComputeReport, resolve_class
 from lifecycle.errors import LifecycleError
 
 
@@ -54,3 +54,99 @@ def test_address_mode_needs_an_address():
     with pytest.raises(LifecycleError, match="needs address"):
         with DaskCompute(mode="address").get_client():
             pass
+
+
+# --- preflight: what the workers have, checked against what the block asks ----------------------------
+
+def _report(block: DaskCompute, protocol: str = "tcp", **worker) -> ComputeReport:
+    """A report as `preflight` builds it, for workers that look like `worker` (GPU hosts cannot run here)."""
+    from infra_blocks.dask_compute import ComputeReport, WorkerResources
+
+    workers = [WorkerResources(address=f"{protocol}://10.0.0.{i}:4000", threads=8, memory_limit=2**34,
+                               **{k: (v[i] if k == "gpu_uuid" else v) for k, v in worker.items()}) for i in range(2)]
+    return ComputeReport(mode=block.mode, scheduler=f"{protocol}://10.0.0.9:8786", protocol=protocol,
+                         device=block.resolved_device, workers=workers)
+
+
+def test_preflight_reports_the_real_local_workers(local_compute):
+    with local_compute.get_client(check=False) as client:
+        report = local_compute.preflight(client)
+    assert len(report.workers) == 2 and report.threads == 2 and report.memory > 0
+    assert report.protocol == "tcp" and report.device == "cpu" and report.gpu_workers == 0
+    assert all(w.gpus == [] and "nvidia-smi" in w.gpu_probe for w in report.workers)  # each probe says why none
+    assert report.summary().startswith(f"local {report.scheduler}: 2 worker(s), 2 thread(s), ")
+    assert report.summary().endswith("no GPU, device cpu")
+    tags = report.tags()
+    assert tags["lifecycle.compute.workers"] == "2" and tags["lifecycle.compute.gpu_workers"] == "0"
+    assert all(isinstance(v, str) and len(v) <= 500 for v in tags.values())
+
+
+def test_device_cuda_on_cpu_workers_fails_before_any_work(local_compute):
+    """The same real workers, asked for CUDA: the check fails in one line naming a worker and why."""
+    cuda = local_compute.model_copy(update={"device": "cuda"})
+    with pytest.raises(LifecycleError, match=r"device=cuda but 2 of 2 worker\(s\) see no GPU \(tcp://127\.0\.0\.1:\d+: "
+                                             r"pynvml: ModuleNotFoundError") as err:
+        with cuda.get_client():
+            pass
+    assert "\n" not in str(err.value)
+
+
+def test_a_scheduler_without_workers_is_refused():
+    from distributed import LocalCluster
+
+    block = DaskCompute(mode="address", address="unused")
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=":0") as cluster:
+        block = block.model_copy(update={"address": cluster.scheduler_address})
+        with pytest.raises(LifecycleError, match="the scheduler has no workers"):
+            with block.get_client():
+                pass
+
+
+def test_address_mode_preflights_real_worker_processes(dask_cluster):
+    block = DaskCompute(mode="address", address=dask_cluster.address)
+    with block.get_client(check=False) as client:
+        report = block.preflight(client)
+    assert report.scheduler == dask_cluster.address and report.mode == "address"
+    assert sorted(w.name for w in report.workers) == ["w0", "w1"]
+    assert {w.memory_limit for w in report.workers} == {3 * 2**30}
+
+
+def test_cuda_mode_needs_a_gpu_on_every_worker():
+    block = DaskCompute(mode="cuda")
+    with pytest.raises(LifecycleError, match=r"mode=cuda but 2 of 2 worker\(s\) see no GPU \(tcp://10\.0\.0\.0:4000: "
+                                             r"cupy: ImportError\)"):
+        block.check(_report(block, gpu_probe="cupy: ImportError"))
+    block.check(_report(block, gpus=["NVIDIA H100 80GB HBM3"], gpu_uuid=["GPU-a", "GPU-b"]))
+
+
+def test_two_workers_on_one_gpu_are_refused():
+    block = DaskCompute(mode="cuda")
+    with pytest.raises(LifecycleError, match="share GPU GPU-a; xgboost needs one GPU per worker"):
+        block.check(_report(block, gpus=["NVIDIA H100"], gpu_uuid=["GPU-a", "GPU-a"]))
+
+
+def test_ucx_settings_are_checked_against_the_active_transports():
+    gpu = dict(gpus=["NVIDIA H100"], gpu_uuid=["GPU-a", "GPU-b"])
+    ucx = DaskCompute(mode="cuda", protocol="ucx", enable_infiniband=True, enable_nvlink=True)
+    with pytest.raises(LifecycleError, match="protocol=ucx but the scheduler talks tcp"):
+        ucx.check(_report(ucx, "tcp", **gpu))
+    with pytest.raises(LifecycleError, match=r"enable_infiniband but worker ucx://10\.0\.0\.0:4000 has no InfiniBand "
+                                             r"\(rc/ud/dc\) transport \(active: cuda_copy, cuda_ipc, tcp\)"):
+        ucx.check(_report(ucx, "ucx", ucx_transports=["cuda_copy", "cuda_ipc", "tcp"], **gpu))
+    with pytest.raises(LifecycleError, match="enable_nvlink but .* has no NVLink \\(cuda_ipc\\) transport"):
+        ucx.check(_report(ucx, "ucx", ucx_transports=["rc_mlx5", "tcp"], **gpu))
+    report = _report(ucx, "ucx", ucx_transports=["cuda_copy", "cuda_ipc", "rc_mlx5", "tcp"], **gpu)
+    ucx.check(report)
+    assert report.tags()["lifecycle.compute.ucx_transports"] == "cuda_copy,cuda_ipc,rc_mlx5,tcp"
+    assert report.summary().endswith("2 with a GPU (NVIDIA H100), device cuda, UCX cuda_copy/cuda_ipc/rc_mlx5/tcp")
+
+
+def test_visible_devices_follow_cuda_visible_devices(monkeypatch):
+    from infra_blocks.dask_compute import _visible
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert _visible([0, 1, 2, 3]) == [0, 1, 2, 3]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,0")  # dask-cuda rotates the list: worker 2 uses GPU 2
+    assert _visible([0, 1, 2, 3]) == [2, 0]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-5f1c")  # UUIDs cannot be mapped to NVML indices
+    assert _visible([0, 1]) == [0, 1]

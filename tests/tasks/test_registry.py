@@ -94,3 +94,35 @@ def test_holdout_metrics_shape_is_what_scoring_compares():
     labels = pd.Series(["x", "y"] * 5)
     preds = pd.DataFrame({"prediction": ["x"] * 10, "proba_x": np.full(10, 0.6), "proba_y": np.full(10, 0.4)})
     assert set(registry.score_predictions(Task.binary, labels, preds)) == set(TASK_METRICS[Task.binary])
+
+
+def test_an_unreachable_server_becomes_one_transient_line(monkeypatch):
+    """A real client against a port nobody listens on: the error users see, and that retries retry."""
+    from infra_blocks import MlflowTarget
+    from tests.fixtures.dask_mlflow import free_port
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    target = MlflowTarget(tracking_uri=f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(registry.MlflowUnavailableError) as err:
+        with registry.reaching(target, "registering tickets", "nothing was promoted"):
+            target.client().get_registered_model("tickets")
+    assert str(err.value) == (f"MLflow at {target.tracking_uri} is unreachable while registering tickets "
+                              "(Connection refused); nothing was promoted")
+    assert registry.is_transient(err.value) and registry.is_transient(err.value.__cause__)
+    assert not registry.is_transient(LifecycleError("bad spec"))
+    # Anything else passes through untouched: a wrong input is not retried and keeps its own message.
+    with pytest.raises(ValueError, match="bug"):
+        with registry.reaching(target, "x"):
+            raise ValueError("bug")
+
+
+@pytest.mark.parametrize(("message", "reason"), [
+    ("API request to http://h/api failed with exception HTTPConnectionPool(host='h', port=5000): Max retries "
+     "exceeded (Caused by NewConnectionError('<x>: Failed to establish a new connection: [Errno 111] Connection "
+     "refused'))", "Connection refused"),
+    ("API request to http://h/api failed with exception ReadTimeoutError: Read timed out. (read timeout=5)", "timed out"),
+    ("(psycopg.OperationalError) connection failed: server closed the connection\nunexpectedly",
+     "(psycopg.OperationalError) connection failed: server closed the connection"),
+])
+def test_short_reasons(message, reason):
+    assert registry.short_reason(RuntimeError(message)) == reason

@@ -304,3 +304,102 @@ def test_binary_task_reports_auc(tmp_path, local_compute):
     assert result.schema.classes == ["no", "yes"] and result.raw.ndim == 1
     assert set(result.metrics) == {"accuracy", "f1_macro", "logloss", "roc_auc"}
     assert result.metrics["roc_auc"] > 0.6
+
+
+# --- per-round evaluation slice, the GPU path's configuration, the preflight --------------------------
+
+def test_eval_slice_is_a_capped_sample_nested_in_the_holdout():
+    from tasks.train_data import EVAL_ROWS, eval_threshold, holdout_buckets, holdout_threshold
+
+    split = SplitConfig(holdout_fraction=0.2)
+    assert eval_threshold(split, 600) == holdout_threshold(split) == 2000  # small data: the whole holdout
+    bound = eval_threshold(split, 10_000_000)  # 2M holdout rows → about EVAL_ROWS of them per round
+    assert bound == 200 and abs(10_000_000 * bound / 10_000 - EVAL_ROWS) < 1
+    buckets = holdout_buckets(pd.Series(np.arange(200_000)), split)
+    held, evaluated = buckets < 2000, buckets < bound
+    assert not (evaluated & ~held).any() and abs(evaluated.sum() / held.sum() - 0.1) < 0.01
+
+
+class _DeviceArray:
+    """Stands in for cupy.ndarray (no GPU here): what `cupy.asarray` returned, and `.get()` back to host."""
+
+    def __init__(self, array):
+        self.host = np.asarray(array)
+
+    def get(self):
+        return self.host.copy()
+
+
+def test_cuda_partitions_go_to_the_gpu_in_the_task_that_builds_them(monkeypatch):
+    """The configuration the GPU path builds, run here with cupy stood in: each partition's matrix and
+    labels are built and moved to the device inside one task, and results come back through `.get()`."""
+    import types
+
+    import dask.dataframe as dd
+
+    from lifecycle.features import build_schema
+    from lifecycle.sample import generate_tickets
+    from tasks.train_data import host_arrays, matrix_side
+
+    calls = []
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(asarray=lambda a: calls.append(a.shape)
+                                                                   or _DeviceArray(a)))
+    spec = _spec()
+    frame = generate_tickets(300)
+    schema = build_schema(spec, {"channel": ["chat", "email", "phone", "web"], "plan": ["enterprise", "free", "pro"]},
+                          ["account", "billing", "shipping", "technical"])
+    ddf = dd.from_pandas(frame, npartitions=3)
+    X, y = matrix_side(ddf, ddf["ticket_id"] > 0, schema, "category", "cuda")
+    blocks = [d.compute(scheduler="sync") for a in (X, y) for d in a.to_delayed().ravel()]
+    assert all(isinstance(b, _DeviceArray) for b in blocks) and len(blocks) == 6
+    assert sorted(calls) == sorted([(100, 6)] * 3 + [(100,)] * 3)  # one move per partition, nothing else
+    host_X, host_y = (a.compute(scheduler="sync") for a in host_arrays(X, y))
+    assert isinstance(host_X, np.ndarray) and host_X.shape == (300, 6) and host_X.dtype == np.float32
+    cpu_X, _ = matrix_side(ddf, ddf["ticket_id"] > 0, schema, "category", "cpu")
+    assert np.array_equal(host_X, cpu_X.compute(scheduler="sync"), equal_nan=True)
+    assert host_y.tolist() == [["account", "billing", "shipping", "technical"].index(c) for c in frame["category"]]
+
+
+def test_cuda_without_cupy_on_the_worker_fails_in_one_line():
+    from tasks.train_data import to_device, to_host
+
+    plain = np.zeros(3, np.float32)
+    assert to_device(plain, "cpu") is plain and to_host(plain) is plain
+    with pytest.raises(LifecycleError, match=r"device=cuda needs cupy on the Dask workers \(pip install cupy-cuda13x"):
+        to_device(plain, "cuda")
+
+
+def test_fit_on_cuda_stops_at_the_preflight_when_the_workers_have_no_gpu(tmp_path, local_compute):
+    from lifecycle.sample import generate_tickets
+
+    spec, store, dataset = _ingest(tmp_path, generate_tickets(200))
+    cuda = local_compute.model_copy(update={"device": "cuda"})
+    with pytest.raises(LifecycleError, match=r"device=cuda but 2 of 2 worker\(s\) see no GPU"):
+        training.fit(spec, dataset, store, cuda)
+
+
+def test_run_is_tagged_with_what_the_cluster_had(run):
+    logged = run["target"].client().get_run(run["run_id"])
+    tags, params = logged.data.tags, logged.data.params
+    assert tags["lifecycle.compute.mode"] == "local" and tags["lifecycle.compute.workers"] == "2"
+    assert tags["lifecycle.compute.device"] == "cpu" and tags["lifecycle.compute.gpu_workers"] == "0"
+    assert params["eval_rows"] == params["holdout_rows"] == str(run["result"].rows["holdout"])
+    assert run["result"].compute.threads == 2
+
+
+def test_boost_is_the_step_the_benchmarks_time(local_compute):
+    """Arrays already in worker memory, fixed rounds, with and without an evaluation set."""
+    import dask.array as da
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(4000, 5)).astype(np.float32)
+    y = (X[:, 0] + 0.5 * X[:, 1] > 0).astype(np.float32)
+    params = {"objective": "binary:logistic", "tree_method": "hist", "max_depth": 3, "eval_metric": ["logloss"]}
+    with local_compute.get_client() as client, client.as_current():
+        train = client.persist([da.from_array(X[:3000], chunks=1500), da.from_array(y[:3000], chunks=1500)])
+        held = client.persist([da.from_array(X[3000:], chunks=500), da.from_array(y[3000:], chunks=500)])
+        booster, history = training.boost(client, tuple(train), tuple(held), params, 20)
+        bare, none = training.boost(client, tuple(train), None, params, 20)
+    assert booster.num_boosted_rounds() == bare.num_boosted_rounds() == 20
+    assert len(history["logloss"]) == 20 and history["logloss"][-1] < history["logloss"][0] < math.log(2) + 0.01
+    assert none == {}

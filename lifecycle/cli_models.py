@@ -1,0 +1,79 @@
+"""`lifecycle promote` / `lifecycle rollback`: move a dataset model's `@champion` by hand, audited.
+
+Both write a PromotionAudit record and tag the model versions in MLflow; `promote` judges the version
+against the current champion on its own holdout (as the register stage does) unless `--force`.
+Exit codes: 0 moved, 1 refused or failed (one line on stderr).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from lifecycle.errors import LifecycleError
+
+
+def _spec(store, target, dataset: str, version: str, spec_path: Path | None):
+    """--spec when given (it must be the dataset's), else the spec the version was trained with."""
+    from lifecycle.spec import load_spec
+    from tasks.promotion import judging_spec
+
+    if spec_path is None:
+        return judging_spec(store, target, dataset, version)
+    spec = load_spec(spec_path)
+    if spec.name != dataset:
+        raise LifecycleError(f"{spec_path}: spec is for dataset {spec.name!r}, not {dataset!r}")
+    return spec
+
+
+def promote(
+    dataset: str = typer.Argument(..., help="Dataset name (the registered model is the profile's prefix + it)."),
+    version: str = typer.Argument(..., help="Registry version to make the champion."),
+    spec: Optional[Path] = typer.Option(None, "--spec", help="Spec to judge with (default: the version's own)."),
+    force: bool = typer.Option(False, "--force", help="Promote without comparing with the champion."),
+    reason: str = typer.Option("", "--reason", help="Why (kept in the audit record and MLflow tags)."),
+    profile: str = typer.Option("local", help="Profile in deployments/profiles or a YAML path."),
+) -> None:
+    """Make VERSION the champion if it beats the current one on its holdout (or --force); audited."""
+    from lifecycle.cli import _fail, _prepare_env, console, err_console
+
+    _prepare_env()
+    try:
+        from lifecycle.profiles import load_profile
+        from tasks.promotion import promote_version
+
+        targets = load_profile(profile)
+        dataset_spec = _spec(targets.store, targets.mlflow, dataset, version, spec)
+        audit = promote_version(dataset_spec, targets.store, targets.mlflow, version, force=force, reason=reason)
+    except LifecycleError as exc:
+        _fail(exc)
+    if audit.moved:
+        console.print(f"{audit.model_name}@champion → v{audit.version}: {audit.decision}  (audit {audit.id})",
+                      soft_wrap=True)
+        return
+    err_console.print(f"[bold yellow]not promoted:[/] {audit.decision}  (audit {audit.id})", soft_wrap=True,
+                      highlight=False)
+    raise typer.Exit(code=1)
+
+
+def rollback(
+    dataset: str = typer.Argument(..., help="Dataset name."),
+    reason: str = typer.Option("", "--reason", help="Why (kept in the audit record and MLflow tags)."),
+    profile: str = typer.Option("local", help="Profile in deployments/profiles or a YAML path."),
+) -> None:
+    """Point @champion back at the version the current champion replaced (from the audit chain)."""
+    from lifecycle.cli import _fail, _prepare_env, console
+
+    _prepare_env()
+    try:
+        from lifecycle.profiles import load_profile
+        from tasks.promotion import rollback_champion
+
+        targets = load_profile(profile)
+        audit = rollback_champion(dataset, targets.store, targets.mlflow, reason=reason)
+    except LifecycleError as exc:
+        _fail(exc)
+    console.print(f"{audit.model_name}@champion → v{audit.version}: {audit.decision}  (audit {audit.id})",
+                  soft_wrap=True)
