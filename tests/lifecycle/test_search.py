@@ -70,6 +70,16 @@ def test_where_filters_before_ranking_and_bad_input_is_one_line(indexed):
         Searcher(indexed[2].uri, "missing")
 
 
+def test_empty_long_and_non_text_queries(indexed):
+    searcher = indexed[-1]
+    assert len(searcher.search("", k=3)) == 3  # the empty text's neighbours: defined, if not useful
+    long = searcher.search("refund for my invoice " * 5000, k=5)  # cut to max_chars, not an error
+    assert sum(h["metadata"]["category"] == "billing" for h in long) >= 4
+    np.testing.assert_allclose(searcher.embed("x" * 50_000), searcher.embed("x" * searcher.max_chars), atol=1e-5)
+    with pytest.raises(LifecycleError, match="query must be a string"):
+        searcher.search(42)
+
+
 def test_old_version_stays_queryable_by_tag(indexed, local_compute, tmp_path):
     store, spec, vectors, embeddings, first, _ = indexed
     frame = read_dataset(store, ingest_dataset(store, spec))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import sys
 
 import numpy as np
 import pandas as pd
@@ -11,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from infra_blocks import ObjectStore
-from lifecycle.encoder import EMBED_DIM, encode, prepare_texts
+from lifecycle.encoder import EMBED_DIM, encode, encoded_counts, prepare_texts, relax_malloc_trim
 from lifecycle.errors import LifecycleError
 from lifecycle.sample import generate_tickets, write_sample
 from lifecycle.spec import load_spec
@@ -30,6 +32,16 @@ from tasks.ingest import ingest_dataset, read_dataset
 
 def test_prepare_texts_turns_non_strings_into_empty_and_cuts_long_ones():
     assert prepare_texts([None, float("nan"), 42, pd.NA, b"bytes", "", "abcdef"], 3) == ["", "", "", "", "", "", "abc"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_malloc_trim_is_relaxed_only_where_it_was_set_tiny(monkeypatch, local_compute):
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    assert relax_malloc_trim() is False  # a normal process keeps glibc's defaults
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
+    assert relax_malloc_trim() is True
+    with local_compute.get_client() as client:  # Dask's nanny sets it in every worker: the case it is for
+        assert set(client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_").values()) == {"65536"}
 
 
 def test_text_hashes_are_stable_int64():
@@ -100,6 +112,12 @@ def test_embed_sample_writes_parts_in_row_order(first):
         np.testing.assert_allclose(got[int(frame["ticket_id"].iloc[row])], expected[i], atol=1e-4)
 
 
+def _worker_texts_encoded(compute) -> int:
+    """Texts the workers' encoders have really been given so far (counted in each worker process)."""
+    with compute.get_client() as client:
+        return sum(c["texts"] for c in client.run(encoded_counts).values())
+
+
 def test_second_version_encodes_only_new_rows(first, local_compute, tmp_path):
     store, spec, dataset, record = first
     frame = read_dataset(store, dataset)
@@ -109,7 +127,9 @@ def test_second_version_encodes_only_new_rows(first, local_compute, tmp_path):
     spec2 = spec.model_copy(update={"source": str(path)})
     dataset2 = ingest_dataset(store, spec2)
     assert dataset2.id != dataset.id and dataset2.rows == 650
+    before = _worker_texts_encoded(local_compute)
     second = embed_dataset(store, spec2, dataset2, local_compute, previous=record)
+    assert _worker_texts_encoded(local_compute) - before == 50  # the encoder saw only the new rows
     assert (second.rows, second.encoded_rows) == (650, 50)
     assert second.inputs["reused_embeddings"] == record.id
     old, new = _vectors_by_id(store, record), _vectors_by_id(store, second)
@@ -142,6 +162,23 @@ def test_changed_null_empty_and_long_texts_are_re_encoded(first, local_compute, 
     np.testing.assert_allclose(vectors[21], empty, atol=1e-4)
     np.testing.assert_allclose(vectors[10], refund, atol=1e-4)
     np.testing.assert_allclose(vectors[300], cut, atol=1e-4)
+
+
+def test_numbers_in_the_text_column_are_embedded_as_their_text(first, local_compute, tmp_path):
+    """A numeric column named as the text column is ingested as strings ("7"), and embedded as that text."""
+    store, spec, dataset, _ = first
+    frame = read_dataset(store, dataset).head(40)
+    frame["text"] = np.arange(40, dtype=np.int64) * 7
+    frame.loc[3, "text"] = pd.NA
+    path = tmp_path / "numbers.parquet"
+    frame.astype({"text": "Int64"}).to_parquet(path)
+    spec4 = spec.model_copy(update={"source": str(path)})
+    dataset4 = ingest_dataset(store, spec4)
+    record = embed_dataset(store, spec4, dataset4, local_compute)
+    assert (record.rows, record.encoded_rows) == (40, 40)
+    vectors = read_embeddings(store, record).column("vector").combine_chunks().flatten().to_numpy().reshape(-1, 384)
+    np.testing.assert_allclose(vectors[[1, 5]], encode(["7", "35"]), atol=1e-4)
+    np.testing.assert_allclose(vectors[3], encode([""])[0], atol=1e-4)  # a null is the empty text
 
 
 def test_embed_needs_a_text_column(first, local_compute):

@@ -16,7 +16,15 @@ from lifecycle.sample import SAMPLE_SPEC
 from lifecycle.search import Searcher
 from lifecycle.spec import DatasetSpec
 from tasks.embeddings import vectors_to_arrow
-from tasks.lancedb_index import build_index, exact_neighbours, index_markdown, metadata_columns, recall_at_k
+from tasks.lancedb_index import (
+    ANN_LADDER,
+    build_index,
+    exact_neighbours,
+    index_config,
+    index_markdown,
+    metadata_columns,
+    recall_at_k,
+)
 from tasks.records import save_record
 
 DIM = 384
@@ -50,6 +58,25 @@ def test_exact_neighbours_streams_chunks_and_counts_ties():
         assert set(order.tolist()) <= t
     assert {3, 7} <= truth[0] and len(truth[0]) == 5  # both copies count as the nearest
     assert recall_at_k([[3, 7, 1], [0]], [{3, 7, 9}, {1}], k=3) == pytest.approx(0.5 * (2 / 3) + 0.5 * 0)
+
+
+def test_leave_one_out_truth_skips_each_querys_own_row():
+    rng = np.random.default_rng(2)
+    vectors = rng.normal(size=(200, 8)).astype(np.float32)
+    vectors[50] = vectors[40]  # row 40's twin: still a true neighbour when row 40 is the query
+    chunks = ((list(range(s, s + 50)), vectors[s:s + 50]) for s in range(0, 200, 50))
+    truth = exact_neighbours(chunks, vectors[[40, 7]], k=3, exclude=[40, 7])
+    normed = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    assert 40 not in truth[0] and 50 in truth[0] and 7 not in truth[1]
+    assert truth[1] == set(np.argsort(1 - normed @ normed[7])[1:4].tolist())
+    assert recall_at_k([[1, 2], [3]], [set(), {3}], k=1) == 1.0  # a query with no neighbours is not scored
+
+
+def test_ladder_starts_with_ivf_flat_and_resolves_sqrt_partitions():
+    assert [rung[0] for rung in ANN_LADDER] == ["ivf_flat", "ivf_hnsw_sq", "ivf_pq"]
+    config = index_config("ivf_flat", {"num_partitions": "sqrt"}, 1_000_000)
+    assert (type(config).__name__, config.num_partitions, config.distance_type) == ("IvfFlat", 1000, "cosine")
+    assert index_config("ivf_pq", {"num_sub_vectors": 48}, 10).num_sub_vectors == 48
 
 
 def _write_synthetic(store: ObjectStore, rows: int = 5000, name: str = "synth", shuffle_parts: bool = False):
@@ -93,14 +120,16 @@ def test_ann_index_reaches_the_target_recall(lake, vectors_store):
     embeddings, vectors, ids = _write_synthetic(lake)
     spec = _spec(ann_min_rows=1000, target_recall=0.99, recall_sample=50, k=10)
     record = build_index(lake, spec, embeddings, vectors_store)
-    assert record.index_type in ("ivf_hnsw_sq", "ivf_pq")
+    assert record.index_type in ("ivf_flat", "ivf_hnsw_sq", "ivf_pq")
     assert record.recall_at_k >= 0.99 and record.rows == 5000 and record.k == 10
     tried = record.index_params["tried"]
     assert tried[-1]["recall"] == record.recall_at_k and all(t["recall"] < 0.99 for t in tried[:-1])
     assert record.index_params["query"] == tried[-1]["query"]
+    assert record.index_params["recall_method"] == "leave-one-out"
     assert 0 < record.p50_ms <= record.p95_ms
     table = vectors_store.connect().open_table("synth")
-    assert [i.index_type for i in table.list_indices()] == ["IvfHnswSq" if "hnsw" in record.index_type else "IvfPq"]
+    names = {"ivf_flat": "IvfFlat", "ivf_hnsw_sq": "IvfHnswSq", "ivf_pq": "IvfPq"}
+    assert [i.index_type for i in table.list_indices()] == [names[record.index_type]]
     assert table.tags.list()[record.tag]["version"] == record.table_version
     assert set(table.schema.names) == {"id", "vector", "text", "label", "channel"}
     hits = Searcher.from_record(record, vectors_store).search_vector(vectors[123], k=3)
@@ -112,7 +141,7 @@ def test_ann_index_reaches_the_target_recall(lake, vectors_store):
 def test_no_ann_setting_good_enough_falls_back_to_exact(lake, vectors_store):
     embeddings, _, _ = _write_synthetic(lake, rows=3000)
     spec = _spec(ann_min_rows=1000, target_recall=1.0, recall_sample=30, k=10)
-    weak = [("ivf_pq", ({},))]  # PQ without refinement: far below recall 1.0 on this data
+    weak = [("ivf_pq", {}, ({},))]  # PQ without refinement: far below recall 1.0 on this data
     record = build_index(lake, spec, embeddings, vectors_store, ladder=weak)
     assert record.index_type == "exact" and record.recall_at_k == 1.0
     assert [t["index_type"] for t in record.index_params["tried"]] == ["ivf_pq"]
