@@ -2,8 +2,14 @@
 
 A deployment's id comes from the model version, the index version, the target's address and the
 serving code, so re-running on unchanged inputs while that server still answers is a no-op that
-returns the stored record. Anything else rolls out: snapshot, stop old, start new, smoke-test, and
-on failure restore the old one (tasks/serving.py).
+returns the stored record. Anything else rolls out:
+- process target: snapshot, stop old, start new, smoke-test; on failure restart the old one
+  (tasks/process_serving.py);
+- docker target: snapshot, image (offline, tasks/docker_images.py), new container beside the old one,
+  smoke test, switch the edge, stop the old; on failure the old one never stopped serving
+  (tasks/docker_serving.py).
+Every rollout is recorded: a failed one publishes its Deployment with status `failed` and the reason
+(event `lifecycle.model.deploy_failed`) before the flow fails with that reason.
 """
 
 from __future__ import annotations
@@ -15,7 +21,10 @@ from lifecycle.errors import LifecycleError
 from lifecycle.records import Deployment, IndexVersion, ModelVersion, TrainedModel
 from lifecycle.spec import DatasetSpec
 from tasks.records import find_record, publish_record
-from tasks.serving import deployment_id, prepare_snapshot_task, rollout_task, serving_code_version, serving_now_task
+from tasks.serving import (check_exposure, deployment_id, prepare_snapshot_task, rollout_task, serving_code_version,
+                           serving_now_task)
+
+FAILED_EVENT = "lifecycle.model.deploy_failed"
 
 
 def deployment_lineage(spec: DatasetSpec, model: ModelVersion, index: IndexVersion | None, store: ObjectStore,
@@ -42,18 +51,15 @@ def deploy(spec: DatasetSpec, model: ModelVersion, index: IndexVersion | None, s
     """Serve `model` (+ `index`) on `serving`; the stored record is returned while its server answers.
 
     Raises:
-        LifecycleError: the new server failed (the previous one is restored), or the target kind is
-            not supported yet.
+        LifecycleError: the new server failed; the previous one still serves (docker) or was restored
+            (process), and the message says which.
     """
-    if serving.kind == "docker":
-        raise LifecycleError("docker serving target: not implemented yet (issue 7)")
+    check_exposure(serving)
     dep_id = deployment_id(model, index, serving)
     cached = find_record(store, Deployment, dep_id)
     if cached is not None and cached.status == "serving" and serving_now_task(serving, dep_id) is not None:
         return cached
     lineage = deployment_lineage(spec, model, index, store, dep_id)
-    snapshot = prepare_snapshot_task(serving, mlflow, model, index, vectors if index else None, lineage)
-    server, previous = rollout_task(serving, snapshot)
     record = Deployment(
         id=dep_id,
         dataset=spec.name,
@@ -64,10 +70,29 @@ def deploy(spec: DatasetSpec, model: ModelVersion, index: IndexVersion | None, s
         index_version=index.id if index else None,
         target=serving.kind,
         endpoint=serving.endpoint,
-        handle=str(server.pid),
+        handle="",
         status="serving",
-        previous=previous,
     )
+    try:
+        snapshot = prepare_snapshot_task(serving, mlflow, model, index, vectors if index else None, lineage)
+        if serving.kind == "docker":
+            from tasks.docker_serving import build_image_task
+            from tasks.docker_serving import rollout_task as docker_rollout_task
+
+            image = build_image_task(serving, snapshot)
+            record = record.model_copy(update={"image_digest": image["id"], "image_size_mb": image["size_mb"]})
+            server, previous = docker_rollout_task(serving, snapshot, image["id"])
+            handle = server.container_id[:12]
+        else:
+            server, previous = rollout_task(serving, snapshot)
+            handle = str(server.pid)
+    except LifecycleError as exc:
+        failed = record.model_copy(update={"status": "failed", "reason": str(exc).splitlines()[0]})
+        publish_record(store, failed, FAILED_EVENT)
+        raise
+    record = record.model_copy(update={"handle": handle, "previous": previous})
     publish_record(store, record)
-    print(f"deployment {dep_id}: {model.model_name} v{model.version} on {serving.endpoint} (PID {server.pid})")
+    image_note = f", image {record.image_digest[7:19]} {record.image_size_mb} MB" if record.image_digest else ""
+    print(f"deployment {dep_id}: {model.model_name} v{model.version} on {serving.endpoint} ({serving.kind} "
+          f"{handle}{image_note})")
     return record

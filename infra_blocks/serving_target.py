@@ -21,6 +21,8 @@ class ServingTarget(Block):
         api_token: Bearer token required by the endpoint; None allows anonymous requests.
         max_body_bytes: Largest request body accepted (413 above it).
         health_timeout_s: How long a new server may take to become healthy.
+        workers: Server processes per deployment, each with its own SO_REUSEPORT listener (2 doubles
+            tabular throughput on 2 cores; text models batch through one encoder, keep 1).
     """
 
     _block_type_name = "Lifecycle Serving Target"
@@ -36,6 +38,7 @@ class ServingTarget(Block):
     api_token: SecretStr | None = Field(None, description="Bearer token the endpoint requires.")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Request size limit in bytes.")
     health_timeout_s: float = Field(120.0, gt=0, description="Seconds to wait for a healthy server.")
+    workers: int = Field(1, ge=1, le=64, description="Server processes sharing the port (SO_REUSEPORT).")
 
     @property
     def endpoint(self) -> str:

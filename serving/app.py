@@ -9,7 +9,8 @@ Endpoints:
   `{"predictions": [{"prediction": …}, …]}` exactly as `mlflow models serve` answers for the registered
   pyfunc (`params: {"probabilities": true}` adds `proba_<class>`); errors are `{"error_code", "message"}`.
 - `POST /search`: `{"query", "k", "filter"}` → `{"results": [...]}` (503 when no index is served).
-- `GET /health`: 200 once the model is loaded (no token, so load balancers and HEALTHCHECK can call it).
+- `GET /health` (and MLflow's `/ping`): 200 once the model is loaded (no token, so load balancers and
+  HEALTHCHECK can call it).
 - `GET /version`: the lineage of what is served.
 """
 
@@ -17,7 +18,8 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
 import orjson
@@ -26,6 +28,7 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from lifecycle.errors import LifecycleError
+from serving.batching import Batcher
 from serving.config import IndexRef, ServingConfig
 from serving.model import ServingModel
 
@@ -157,7 +160,112 @@ def parse_search(payload: Any) -> tuple[str, int, str | None]:
 # --- the app -------------------------------------------------------------------------------------
 
 
-def create_app(config: ServingConfig, model: ServingModel | None = None, searcher: Searcher | None = None) -> FastAPI:
+async def _body_chunks(receive: Any) -> AsyncIterator[bytes]:
+    """The request body from raw ASGI messages."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise Problem(400, "client disconnected before the body was complete")
+        if message.get("body"):
+            yield message["body"]
+        if not message.get("more_body", False):
+            return
+
+
+class Endpoints:
+    """The logic every route shares, free of any framework's request object: token, bounded JSON, predict."""
+
+    def __init__(self, model: ServingModel, token: bytes | None, limit: int, batcher: Batcher | None) -> None:
+        self.model, self.token, self.limit, self.batcher = model, token, limit, batcher
+        self.wanted = model.schema.input_columns
+
+    def authorize(self, authorization: str) -> None:
+        if self.token is None:
+            return
+        scheme, _, given = authorization.partition(" ")
+        # compare_digest: the time taken does not reveal how much of the token matched.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token):
+            raise Problem(401, "missing or invalid bearer token")
+
+    async def read_json(self, content_type: str, declared: str | None, chunks: AsyncIterator[bytes]) -> Any:
+        mime = content_type.split(";")[0].strip().lower()
+        if mime != "application/json":
+            raise Problem(415, f"Content-Type must be application/json (got {mime or 'none'!r})")
+        limit = self.limit
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            raise Problem(413, f"request body larger than {limit} bytes")
+        parts, size = [], 0
+        async for chunk in chunks:  # also bounds chunked bodies that declare no length
+            size += len(chunk)
+            if size > limit:
+                raise Problem(413, f"request body larger than {limit} bytes")
+            parts.append(chunk)
+        try:
+            return orjson.loads(parts[0] if len(parts) == 1 else b"".join(parts))
+        except orjson.JSONDecodeError as exc:
+            raise Problem(400, f"malformed JSON: {exc}") from None
+
+    async def invoke(self, payload: Any) -> list[dict]:
+        columns, rows = parse_invocation(payload, self.wanted)
+        proba = wants_probabilities(payload)
+        model = self.model
+        try:
+            if self.batcher is not None:  # text: concurrent requests share encoder batches
+                return await self.batcher.predict(columns, rows, proba)
+            if rows <= INLINE_ROWS:
+                return model.predict_columns(columns, rows, proba)
+            return await run_in_threadpool(model.predict_columns, columns, rows, proba)
+        except LifecycleError as exc:
+            raise Problem(400, str(exc)) from None
+        except Exception:
+            log.exception("prediction failed")
+            raise Problem(500, "prediction failed (see the server log)") from None
+
+
+def _problem_body(exc: Problem) -> bytes:
+    return orjson.dumps({"error_code": Problem.CODES.get(exc.status, "ERROR"), "message": exc.message})
+
+
+class ServingApp:
+    """The ASGI app: `POST /invocations` straight on ASGI, everything else through FastAPI.
+
+    Why: the scoring route is the hot path. Starlette's Request, routing and exception middleware cost
+    ~0.14 ms of a ~0.5 ms single-row request (measured in-process); here it parses headers from the
+    ASGI scope and answers with two messages. Behaviour (errors, limits, token) is shared: `Endpoints`.
+    """
+
+    def __init__(self, api: FastAPI, endpoints: Endpoints) -> None:
+        self.api, self.endpoints, self.state = api, endpoints, api.state
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == "/invocations" and scope["method"] == "POST":
+            await self.invocations(scope, receive, send)
+        else:
+            await self.api(scope, receive, send)
+
+    async def invocations(self, scope: dict, receive: Any, send: Any) -> None:
+        headers = dict(scope["headers"])
+        ep = self.endpoints
+        extra: list[tuple[bytes, bytes]] = []
+        try:
+            ep.authorize(headers.get(b"authorization", b"").decode("latin-1"))
+            declared = headers.get(b"content-length")
+            payload = await ep.read_json(headers.get(b"content-type", b"").decode("latin-1"),
+                                         declared.decode("latin-1") if declared is not None else None,
+                                         _body_chunks(receive))
+            status, body = 200, orjson.dumps({"predictions": await ep.invoke(payload)},
+                                             option=orjson.OPT_SERIALIZE_NUMPY, default=str)
+        except Problem as exc:
+            status, body = exc.status, _problem_body(exc)
+            if exc.status == 401:
+                extra.append((b"www-authenticate", b"Bearer"))
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
+                                *extra]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def create_app(config: ServingConfig, model: ServingModel | None = None, searcher: Searcher | None = None) -> ServingApp:
     """Build the app for one deployment; the model (and searcher) load here, before the port opens.
 
     Args:
@@ -169,68 +277,34 @@ def create_app(config: ServingConfig, model: ServingModel | None = None, searche
         LifecycleError: the model or index cannot be loaded (the server must not start half-working).
     """
     if model is None:
-        model = ServingModel.load(config.model_dir)
+        model = ServingModel.load(config.model_dir, encoder_threads=config.encoder_threads)
     if searcher is None and config.index is not None:
         searcher = open_searcher(config.index)
-    token = config.api_token.get_secret_value().encode() if config.api_token else None
-    limit = config.max_body_bytes
-    wanted = model.schema.input_columns
+    secret = config.token()
+    batcher = Batcher(model, config.batch_rows) if model.needs_text else None
+    ep = Endpoints(model, secret.get_secret_value().encode() if secret else None, config.max_body_bytes, batcher)
     lineage = dict(config.lineage)
 
     app = FastAPI(title="lifecycle serving", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.batcher = batcher  # batch counts, for tests and operators
 
     @app.exception_handler(Problem)
     async def _problem(_: Request, exc: Problem) -> Response:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return _json({"error_code": Problem.CODES.get(exc.status, "ERROR"), "message": exc.message}, exc.status, headers)
-
-    def authorize(request: Request) -> None:
-        if token is None:
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        # compare_digest: the time taken does not reveal how much of the token matched.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token):
-            raise Problem(401, "missing or invalid bearer token")
+        return Response(_problem_body(exc), exc.status, headers, media_type="application/json")
 
     async def read_json(request: Request) -> Any:
-        mime = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if mime != "application/json":
-            raise Problem(415, f"Content-Type must be application/json (got {mime or 'none'!r})")
-        declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            raise Problem(413, f"request body larger than {limit} bytes")
-        chunks, size = [], 0
-        async for chunk in request.stream():  # also bounds chunked bodies that declare no length
-            size += len(chunk)
-            if size > limit:
-                raise Problem(413, f"request body larger than {limit} bytes")
-            chunks.append(chunk)
-        try:
-            return orjson.loads(b"".join(chunks))
-        except orjson.JSONDecodeError as exc:
-            raise Problem(400, f"malformed JSON: {exc}") from None
+        return await ep.read_json(request.headers.get("content-type", ""), request.headers.get("content-length"),
+                                  request.stream())
 
-    @app.post("/invocations")
+    @app.post("/invocations")  # reached only through FastAPI directly; ServingApp answers it first
     async def invocations(request: Request) -> Response:
-        authorize(request)
-        payload = await read_json(request)
-        columns, rows = parse_invocation(payload, wanted)
-        proba = wants_probabilities(payload)
-        try:
-            if rows <= INLINE_ROWS and not model.needs_text:
-                predictions = model.predict_columns(columns, rows, proba)
-            else:
-                predictions = await run_in_threadpool(model.predict_columns, columns, rows, proba)
-        except LifecycleError as exc:
-            raise Problem(400, str(exc)) from None
-        except Exception:
-            log.exception("prediction failed")
-            raise Problem(500, "prediction failed (see the server log)") from None
-        return _json({"predictions": predictions})
+        ep.authorize(request.headers.get("authorization", ""))
+        return _json({"predictions": await ep.invoke(await read_json(request))})
 
     @app.post("/search")
     async def search(request: Request) -> Response:
-        authorize(request)
+        ep.authorize(request.headers.get("authorization", ""))
         query, k, where = parse_search(await read_json(request))
         if searcher is None:
             raise Problem(503, "no index: this deployment serves no vector index")
@@ -244,12 +318,13 @@ def create_app(config: ServingConfig, model: ServingModel | None = None, searche
         return _json({"results": results})
 
     @app.get("/health")
+    @app.get("/ping")  # MLflow's name for it (ScoringServerClient waits on /ping)
     async def health() -> Response:
         return _json({"status": "ok", "model_loaded": True, "search": searcher is not None})
 
     @app.get("/version")
     async def version(request: Request) -> Response:
-        authorize(request)
-        return _json({**lineage, "task": model.task.value, "inputs": wanted})
+        ep.authorize(request.headers.get("authorization", ""))
+        return _json({**lineage, "task": model.task.value, "inputs": ep.wanted, "worker_pid": os.getpid()})
 
-    return app
+    return ServingApp(app, ep)

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from lifecycle.errors import LifecycleError
-from lifecycle.features import FeatureSchema, decode_predictions, feature_matrix
+from lifecycle.features import FeatureSchema, decode_predictions, feature_matrix, tabular_matrix
 from lifecycle.spec import Task
 
 BOOSTER_FILE = "booster.json"
@@ -37,11 +37,14 @@ TEXT_MAX_CHARS = 2000  # EmbedConfig.max_chars default; the schema does not reco
 Encoder = Callable[[list[str]], np.ndarray]
 
 
-def text_encoder(max_chars: int = TEXT_MAX_CHARS) -> Encoder:
-    """The embed stage's encoder and text preparation (lifecycle.encoder), loaded once per server."""
+def text_encoder(max_chars: int = TEXT_MAX_CHARS, threads: int | None = None) -> Encoder:
+    """The embed stage's encoder and text preparation (lifecycle.encoder), loaded once per server.
+
+    `threads` caps torch's intra-op threads (None: torch's default, one per core).
+    """
     from lifecycle.encoder import encode, load_encoder, prepare_texts
 
-    load_encoder("cpu")  # load now, before the port opens, not on the first request
+    load_encoder("cpu", threads)  # load now, before the port opens, not on the first request
     return lambda texts: encode(prepare_texts(texts, max_chars))
 
 
@@ -68,7 +71,8 @@ class ServingModel:
         self._levels = {col: {lvl: float(i) for i, lvl in enumerate(levels)} for col, levels in schema.categorical.items()}
 
     @classmethod
-    def load(cls, model_dir: str | Path, encoder: Encoder | None = None) -> ServingModel:
+    def load(cls, model_dir: str | Path, encoder: Encoder | None = None,
+             encoder_threads: int | None = None) -> ServingModel:
         """Load `booster.json` + `feature_schema.json` from a snapshot folder.
 
         Raises:
@@ -100,7 +104,7 @@ class ServingModel:
         booster.set_param({"nthread": 1})
         booster.set_param({"device": "cpu"})  # a GPU-trained model must not look for a GPU here
         if schema.embedding_dim and encoder is None:
-            encoder = text_encoder()
+            encoder = text_encoder(threads=encoder_threads)
         return cls(booster, schema, encoder)
 
     @property
@@ -128,6 +132,8 @@ class ServingModel:
         if len(frame) == 0:
             return []
         text = self.schema.text_column
+        if self.schema.embedding_dim:
+            tabular_matrix(frame, self.schema)  # a bad value fails here, before seconds of encoding
         emb = self._embeddings(frame[text].tolist()) if self.schema.embedding_dim and text in frame else None
         return self._records(feature_matrix(frame, self.schema, emb), probabilities)
 
@@ -161,6 +167,18 @@ class ServingModel:
                 raise LifecycleError(f"missing input column(s): {text}")
             matrix = np.hstack([matrix, self._embeddings(columns[text])])
         return self._records(matrix, probabilities)
+
+    def check_columns(self, columns: Mapping[str, Sequence[Any]], rows: int) -> None:
+        """Raise what `predict_columns` would raise for these values, without encoding any text.
+
+        Raises:
+            LifecycleError: a missing column or a value that is not numeric.
+        """
+        if rows:
+            tabular_matrix(pd.DataFrame({c: list(columns[c]) for c in self.schema.input_columns if c in columns}),
+                           self.schema)
+            if self.schema.embedding_dim and self.schema.text_column not in columns:
+                raise LifecycleError(f"missing input column(s): {self.schema.text_column}")
 
     @property
     def task(self) -> Task:

@@ -13,7 +13,7 @@ from lifecycle.errors import LifecycleError
 from lifecycle.records import Deployment, IndexVersion, TrainedModel
 from lifecycle.sample import SAMPLE_SPEC
 from lifecycle.spec import parse_spec
-from tasks import serving as srv
+from tasks import process_serving as srv
 from tasks.records import find_record, save_record
 from tests.tasks.test_serving import TOKEN, free_port, gone, mlflow_run, model_version, no_stray_servers  # noqa: F401
 
@@ -104,9 +104,63 @@ def test_deploy_with_an_index_serves_search(tmp_path_factory, lake, targets):
         srv.stop_current(serving, grace_s=5)
 
 
-def test_docker_target_is_not_implemented_yet(tmp_path_factory, lake, targets):
-    serving, vectors = targets
+def _run_with_files(mlflow, model_dir: Path) -> str:
+    """Another run on the same tracking store holding the two model files as train logs them."""
+    import mlflow as mlflow_lib
+
+    from serving.model import RUN_ARTIFACT_DIR
+
+    mlflow.apply_env()
+    with mlflow_lib.start_run(experiment_id=mlflow.experiment_id()) as run:
+        mlflow_lib.log_artifacts(str(model_dir), artifact_path=RUN_ARTIFACT_DIR)
+    return run.info.run_id
+
+
+@pytest.mark.docker
+def test_docker_deploy_records_every_rollout_and_keeps_the_old_container_on_failure(
+        tmp_path_factory, tmp_path, lake, docker_base_url):
+    """deploy() on a docker target: image + container + record; cached while it answers; a model that
+    fails its smoke test fails the flow with the reason, is recorded as failed, and the old one serves on."""
+    from lifecycle.features import FeatureSchema
+    from lifecycle.spec import Task
+    from serving.model import SCHEMA_FILE
+    from tasks import docker_serving
+    from tasks.serving import deployment_id
+    from tests.fixtures.docker import BASE_IMAGE
+    from tests.serving.test_app import write_model_dir
+
     mlflow, run_id = mlflow_run(tmp_path_factory)
-    with pytest.raises(LifecycleError, match=r"docker serving target: not implemented yet \(issue 7\)"):
-        deploy(SPEC, model_version(run_id), None, lake, mlflow, vectors, serving.model_copy(update={"kind": "docker"}))
-    assert not Path(serving.workdir).exists()
+    save_record(lake, TrainedModel(id="tm1", dataset="tickets", dataset_version="dv-123", run_id=run_id,
+                                   model_uri=f"runs:/{run_id}/model", metrics={"accuracy": 0.9},
+                                   primary_metric="accuracy", greater_is_better=True))
+    vectors = VectorStore(uri=str(tmp_path / "lancedb"))
+    index = small_index(vectors)
+    serving = ServingTarget(kind="docker", docker_base_url=docker_base_url, port=free_port(), api_token=TOKEN,
+                            workdir=str(tmp_path / "serving"), health_timeout_s=120, base_image=BASE_IMAGE)
+    broken_dir = write_model_dir(tmp_path / "broken")
+    schema = FeatureSchema.model_validate_json((broken_dir / SCHEMA_FILE).read_bytes())
+    (broken_dir / SCHEMA_FILE).write_text(schema.model_copy(update={"task": Task.regression, "classes": []}
+                                                            ).model_dump_json())
+    broken = model_version(_run_with_files(mlflow, broken_dir), "2")
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    try:
+        first = deploy(SPEC, model_version(run_id, "1"), index, lake, mlflow, vectors, serving)
+        assert first.status == "serving" and first.target == "docker" and len(first.handle) == 12
+        assert first.image_digest.startswith("sha256:") and first.image_size_mb > 300
+        lineage = httpx.get(f"{serving.endpoint}/version", headers=auth).json()
+        assert lineage["image_digest"] == first.image_digest and lineage["index_version"] == "ix1"
+        assert lineage["dataset_version"] == "dv-123" and lineage["deployment_id"] == first.id
+        assert httpx.post(f"{serving.endpoint}/search", json={"query": "refund", "k": 2},
+                          headers=auth).json()["results"]
+
+        assert deploy(SPEC, model_version(run_id, "1"), index, lake, mlflow, vectors, serving) == first  # cached
+
+        with pytest.raises(LifecycleError, match="smoke test: prediction .* is not a number") as err:
+            deploy(SPEC, broken, index, lake, mlflow, vectors, serving)
+        assert f"deployment {first.id} keeps serving" in str(err.value)
+        failed = find_record(lake, Deployment, deployment_id(broken, index, serving))
+        assert failed.status == "failed" and "smoke test" in failed.reason and failed.image_digest
+        assert httpx.get(f"{serving.endpoint}/version", headers=auth).json()["deployment_id"] == first.id
+        assert find_record(lake, Deployment, first.id).status == "serving"
+    finally:
+        docker_serving.stop_current(serving, grace_s=2)

@@ -18,7 +18,8 @@ from lifecycle.errors import LifecycleError
 from lifecycle.records import ModelVersion
 from serving.config import ServingConfig
 from serving.model import BOOSTER_FILE, RUN_ARTIFACT_DIR, SCHEMA_FILE
-from tasks import serving as srv
+from tasks import process_serving as srv
+from tasks import serving
 from tests.serving.test_app import write_model_dir
 
 TOKEN = "t0ken-for-tests"
@@ -99,14 +100,15 @@ def make_snapshot(target: ServingTarget, model_dir: Path, deployment: str) -> Pa
     for name in (BOOSTER_FILE, SCHEMA_FILE):
         shutil.copy(model_dir / name, folder / name)
     ServingConfig(model_dir=str(folder), lineage={"deployment_id": deployment, "model_version": deployment},
-                  api_token=target.api_token, host=target.host, port=target.port).write(folder / srv.CONFIG_FILE)
+                  api_token=target.api_token, host=target.host, port=target.port,
+                  workers=target.workers).write(folder / srv.CONFIG_FILE)
     return folder
 
 
 def test_prepare_snapshot_downloads_the_model_files_and_writes_the_config(tmp_path_factory, target):
     mlflow, run_id = mlflow_run(tmp_path_factory)
     lineage = {"deployment_id": "d1", "model_version": "1"}
-    folder = srv.prepare_snapshot(target, mlflow, model_version(run_id), None, None, lineage)
+    folder = serving.prepare_snapshot(target, mlflow, model_version(run_id), None, None, lineage)
     assert folder == Path(target.workdir).resolve() / "d1"
     assert sorted(p.name for p in folder.iterdir()) == [BOOSTER_FILE, srv.CONFIG_FILE, SCHEMA_FILE]
     config = ServingConfig.read(folder / srv.CONFIG_FILE)
@@ -116,7 +118,7 @@ def test_prepare_snapshot_downloads_the_model_files_and_writes_the_config(tmp_pa
                                                     / "model" / BOOSTER_FILE).read_bytes()
     with pytest.raises(LifecycleError, match="booster.json, feature_schema.json not found"):
         other = ServingTarget(workdir=target.workdir)
-        srv.download_model_files(mlflow, _empty_run(mlflow), Path(other.workdir) / "d2")
+        serving.download_model_files(mlflow, _empty_run(mlflow), Path(other.workdir) / "d2")
 
 
 def _empty_run(mlflow: MlflowTarget) -> str:
@@ -131,7 +133,7 @@ def _empty_run(mlflow: MlflowTarget) -> str:
 def test_server_started_elsewhere_is_served_and_stopped_by_pid(target, model_dir):
     """Like a server started by an earlier flow run: not our child, found by PID, stopped with its group."""
     snapshot = make_snapshot(target, model_dir, "dep-a")
-    code = "import sys; from pathlib import Path; from tasks.serving import start_server; print(start_server(Path(sys.argv[1])))"
+    code = "import sys; from pathlib import Path; from tasks.process_serving import start_server; print(start_server(Path(sys.argv[1])))"
     out = subprocess.run([sys.executable, "-c", code, str(snapshot)], capture_output=True, text=True, check=True,
                          cwd=srv.PROJECT_ROOT, env={**os.environ, "PYTHONPATH": str(srv.PROJECT_ROOT)})
     pid = int(out.stdout.strip().splitlines()[-1])
@@ -186,3 +188,24 @@ def test_rollout_refuses_a_port_held_by_someone_else(target, model_dir):
         with pytest.raises(LifecycleError, match=f"port 127.0.0.1:{target.port} is in use by a process"):
             srv.rollout(target, snapshot)
     assert srv.read_current(target) is None
+
+
+def test_two_worker_processes_share_the_port_and_stop_together(target, model_dir):
+    """workers=2: two server processes, each with its own SO_REUSEPORT listener, under one supervisor."""
+    two = target.model_copy(update={"workers": 2})
+    server, _ = srv.rollout(two, make_snapshot(two, model_dir, "dep-w"))
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    pids = set()
+    for _ in range(40):  # a fresh connection each time: the kernel spreads them over both listeners
+        with httpx.Client(headers=auth, timeout=10) as client:
+            pids.add(client.get(f"{two.endpoint}/version").json()["worker_pid"])
+    assert len(pids) == 2 and server.pid not in pids
+    srv.stop_current(two, grace_s=5)
+    assert all(gone(pid) for pid in (server.pid, *pids))
+
+
+def test_an_endpoint_beyond_loopback_needs_a_token():
+    serving.check_exposure(ServingTarget(host="127.0.0.1"))  # local profile: anonymous is fine
+    serving.check_exposure(ServingTarget(host="0.0.0.0", api_token="t"))
+    with pytest.raises(LifecycleError, match=r"binds 0.0.0.0:8765 beyond loopback without an api_token"):
+        serving.check_exposure(ServingTarget(host="0.0.0.0"))

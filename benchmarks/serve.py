@@ -1,0 +1,354 @@
+"""Serving benchmark: our server against `mlflow models serve` on the same pyfunc, with the same wrk.
+
+What is compared, side by side in one run on this machine:
+- tabular: a 200-tree XGBoost (50 rounds x 4 classes) on the sample's features; single-row `dataframe_split` POSTs to
+  `/invocations` at 8 connections. MLflow: `mlflow models serve --env-manager local` of the pyfunc train
+  logs (serving.pyfunc.LifecycleModel). Ours: `python -m serving` on the same booster + schema, with one
+  and with two worker processes (SO_REUSEPORT listeners, TCP_NODELAY). Optionally the docker image too.
+- text: the same model with the sentence embedding of the ticket text as features (the encoder runs per
+  request). MLflow encodes each request alone; ours micro-batches concurrent requests through the
+  encoder (1 torch thread). MLflow's baseline is its best variant: pinned or not, torch threads default or 1.
+- image size: our serving images against an image of the same model built the same way (same base,
+  offline from the wheelhouse) with `mlflow` + the model's own requirements instead of our server.
+
+wrk (Debian's, installed with apt-get when missing) runs with one thread pinned to the last CPU and
+one-process servers (ours, MLflow) are pinned to CPU 0; the two-process server is left unpinned. A Lua
+script sends the POST body and prints the latency percentiles wrk measured (`--latency`).
+Usage: python -m benchmarks.serve [--seconds 10] [--skip-text] [--skip-docker] [--skip-images]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from benchmarks.harness import record
+
+ROOT = Path(__file__).resolve().parent.parent
+LUA = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = [==[%s]==]
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("WRKJSON {\\"requests\\": %%d, \\"duration_us\\": %%d, \\"p50_us\\": %%d, \\"p90_us\\": %%d, " ..
+    "\\"p99_us\\": %%d, \\"errors\\": %%d, \\"non2xx\\": %%d}\\n", summary.requests, summary.duration,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99),
+    e.connect + e.read + e.write + e.timeout, e.status))
+end
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ensure_wrk() -> str:
+    found = shutil.which("wrk")
+    if found:
+        return found
+    if os.geteuid() != 0:
+        sys.exit("wrk is missing: apt-get install -y wrk")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    if subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], env=env, capture_output=True).returncode != 0:
+        subprocess.run(["apt-get", "update", "-qq"], env=env, check=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], env=env, check=True)
+    return shutil.which("wrk") or sys.exit("wrk could not be installed")
+
+
+# --- models ---------------------------------------------------------------------------------------
+
+
+def train_model(dest: Path, text: bool, rows: int = 4000, rounds: int = 200) -> Path:
+    """booster.json + feature_schema.json as the train stage saves them (text: + MiniLM embeddings)."""
+    import xgboost as xgb
+
+    from lifecycle.features import build_schema, encode_labels, feature_matrix
+    from lifecycle.sample import SAMPLE_SPEC, generate_tickets
+    from lifecycle.spec import parse_spec
+
+    spec = parse_spec({**SAMPLE_SPEC, "source": "tickets.csv"})
+    frame = generate_tickets(rows, seed=3)
+    cats = {c: frame[c].dropna().unique().tolist() for c in spec.categorical_features}
+    emb = None
+    if text:
+        from lifecycle.encoder import EMBED_DIM, encode, prepare_texts
+
+        emb = encode(prepare_texts(frame[spec.text_column], 2000))
+    schema = build_schema(spec, cats, sorted(frame[spec.label_column].unique().tolist()),
+                          embedding_dim=EMBED_DIM if text else 0)
+    dtrain = xgb.DMatrix(feature_matrix(frame, schema, emb), encode_labels(frame[spec.label_column], schema),
+                         feature_names=schema.feature_names, feature_types=schema.feature_types, enable_categorical=True)
+    params = {"objective": "multi:softprob", "num_class": len(schema.classes), "max_depth": 6, "nthread": 2}
+    booster = xgb.train(params, dtrain, num_boost_round=rounds)
+    dest.mkdir(parents=True, exist_ok=True)
+    booster.save_model(str(dest / "booster.json"))
+    (dest / "feature_schema.json").write_text(schema.model_dump_json())
+    return dest
+
+
+def save_pyfunc(model_dir: Path, dest: Path) -> Path:
+    """The MLflow pyfunc exactly as train logs it (LifecycleModel, signature with params, code paths)."""
+    import mlflow.pyfunc
+
+    from lifecycle.sample import generate_tickets
+    from serving.pyfunc import BoosterPredictor, LifecycleModel, code_paths, model_signature, pip_requirements
+
+    predictor = BoosterPredictor.from_files(model_dir / "booster.json", model_dir / "feature_schema.json")
+    example = generate_tickets(5, seed=2)[predictor.schema.input_columns]
+    signature = model_signature(example, predictor.predict(example), predictor.schema.numeric)
+    mlflow.pyfunc.save_model(str(dest), python_model=LifecycleModel(), code_paths=code_paths(dest.parent),
+                             artifacts={"booster": str(model_dir / "booster.json"),
+                                        "feature_schema": str(model_dir / "feature_schema.json")},
+                             signature=signature, pip_requirements=pip_requirements(bool(predictor.schema.embedding_dim)))
+    return dest
+
+
+def body(model_dir: Path) -> str:
+    """One row of the sample in MLflow's dataframe_split form (what `mlflow models predict` sends)."""
+    from lifecycle.features import FeatureSchema
+    from lifecycle.sample import generate_tickets
+
+    schema = FeatureSchema.model_validate_json((model_dir / "feature_schema.json").read_bytes())
+    frame = generate_tickets(1, seed=11)[schema.input_columns]
+    return json.dumps({"dataframe_split": json.loads(frame.to_json(orient="split", index=False))})
+
+
+# --- servers -----------------------------------------------------------------------------------------
+
+
+def pinned(cmd: list[str]) -> list[str]:
+    """Run on CPU 0, apart from wrk (which runs on the last CPU)."""
+    return ["taskset", "-c", "0", *cmd] if (os.cpu_count() or 1) > 1 else cmd
+
+
+def start(cmd: list[str], url: str, log: Path, timeout_s: float = 180, env: dict | None = None) -> subprocess.Popen:
+    """Start a server in its own process group and wait until `url` answers 200."""
+    full_env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+                "PYTHONPATH": str(ROOT), **(env or {})}
+    proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd=ROOT, env=full_env,
+                            start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd[:4]} exited: {log.read_text()[-800:]}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    stop(proc)
+    raise RuntimeError(f"{cmd[:4]} not ready after {timeout_s} s: {log.read_text()[-800:]}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def mlflow_server(pyfunc: Path, port: int, log: Path, threads: str | None = None, pin: bool = True) -> subprocess.Popen:
+    """`mlflow models serve` (its defaults; `threads` sets OMP_NUM_THREADS, i.e. torch's threads)."""
+    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
+    env = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", **({"OMP_NUM_THREADS": threads} if threads else {})}
+    cmd = [mlflow_bin, "models", "serve", "-m", str(pyfunc), "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
+    return start(pinned(cmd) if pin else cmd, f"http://127.0.0.1:{port}/ping", log, env=env)
+
+
+def our_server(model_dir: Path, port: int, workers: int, log: Path) -> subprocess.Popen:
+    from serving.config import ServingConfig
+
+    config = ServingConfig(model_dir=str(model_dir), lineage={"deployment_id": "bench"}, port=port, workers=workers)
+    path = config.write(log.with_suffix(".json"))
+    cmd = [sys.executable, "-m", "serving", "--config", str(path)]
+    return start(pinned(cmd) if workers == 1 else cmd, f"http://127.0.0.1:{port}/health", log)
+
+
+def wrk(url: str, payload: str, seconds: int, connections: int, lua_dir: Path) -> dict:
+    """One wrk run (1 thread pinned to the last CPU); req/s, p50/p99 in ms, errors."""
+    script = lua_dir / "post.lua"
+    script.write_text(LUA % payload)
+    cpu = str((os.cpu_count() or 1) - 1)
+    out = subprocess.run(["taskset", "-c", cpu, ensure_wrk(), "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
+                          "--timeout", "10s", "-s", str(script), url], capture_output=True, text=True, timeout=seconds + 60)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("WRKJSON ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk gave no summary: {out.stdout[-500:]} {out.stderr[-500:]}")
+    raw = json.loads(line.removeprefix("WRKJSON "))
+    return {"rps": raw["requests"] / (raw["duration_us"] / 1e6), "p50_ms": raw["p50_us"] / 1000,
+            "p90_ms": raw["p90_us"] / 1000, "p99_ms": raw["p99_us"] / 1000, "errors": raw["errors"],
+            "non2xx": raw["non2xx"], "requests": raw["requests"]}
+
+
+def measure(name: str, proc_factory, url: str, payload: str, args, work: Path) -> dict:
+    proc = proc_factory()
+    try:
+        wrk(url, payload, 2, args.connections, work)  # warm-up (first requests, JIT of caches)
+        result = wrk(url, payload, args.seconds, args.connections, work)
+    finally:
+        stop(proc)
+    print(f"  {name}: {result['rps']:.0f} req/s, p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms, "
+          f"errors {result['errors']}, non-2xx {result['non2xx']}", flush=True)
+    if result["non2xx"]:
+        raise RuntimeError(f"{name}: {result['non2xx']} non-2xx answers (see the server log)")
+    return result
+
+
+def note(r: dict) -> str:
+    """p50/p99 (and wrk's socket errors, i.e. timeouts after 2 s, when there were any) of a run."""
+    errors = f", {r['errors']} timeouts/socket errors" if r["errors"] else ""
+    return f"p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms{errors}"
+
+
+def bench_model(kind: str, text: bool, args, work: Path) -> dict[str, dict]:
+    model_dir = train_model(work / f"{kind}-model", text=text, rounds=args.rounds)
+    pyfunc = save_pyfunc(model_dir, work / f"{kind}-pyfunc" / "model")
+    payload = body(model_dir)
+    results: dict[str, dict] = {}
+    port = free_port()
+    # MLflow's baseline is the best of its variants: pinned to CPU 0 like our one-process server, or
+    # free to use both cores; for the text model also with torch on one thread.
+    variants = [("pinned to CPU 0", None, True), ("unpinned", None, False)]
+    if text:
+        variants.append(("pinned to CPU 0, OMP_NUM_THREADS=1", "1", True))
+    for i, (label, threads, pin) in enumerate(variants):
+        port = free_port()
+        r = measure(f"{kind} mlflow models serve, {label}",
+                    lambda: mlflow_server(pyfunc, port, work / f"{kind}-mlflow{i}.log", threads=threads, pin=pin),
+                    f"http://127.0.0.1:{port}/invocations", payload, args, work)
+        if "mlflow" not in results or r["rps"] > results["mlflow"]["rps"]:
+            results["mlflow"] = {**r, "variant": label}
+    for workers in ((1, 2) if not text else (1,)):
+        port = free_port()
+        results[f"ours{workers}"] = measure(
+            f"{kind} ours, {workers} process(es)",
+            lambda: our_server(model_dir, port, workers, work / f"{kind}-ours{workers}.log"),
+            f"http://127.0.0.1:{port}/invocations", payload, args, work)
+    return results
+
+
+# --- image sizes --------------------------------------------------------------------------------------
+
+REF_DOCKERFILE = """ARG DEPS_IMAGE
+FROM ${DEPS_IMAGE}
+COPY model /model
+USER 10001:10001
+EXPOSE 8080
+CMD ["mlflow", "models", "serve", "-m", "/model", "--env-manager", "local", "-h", "0.0.0.0", "-p", "8080"]
+"""
+
+
+def image_sizes(work: Path) -> None:
+    """Our tabular serving image against the same model served by MLflow in an image built the same way.
+
+    Both start from the same base image and install offline from the same wheelhouse; the reference
+    installs `mlflow` + the model's pip requirements (what `pip install mlflow` + requirements.txt
+    gives) and runs `mlflow models serve`. The reference is started once to prove it serves.
+    """
+    import io
+
+    from serving.pyfunc import pip_requirements
+    from tasks import docker_images as di
+
+    try:
+        client = di.docker_client(None)
+        base = os.environ.get("LIFECYCLE_BASE_IMAGE", "lifecycle-base:bookworm")
+        di.base_image(client, base)
+    except Exception as exc:  # noqa: BLE001 - no docker here: say so, measure the rest
+        print(f"  image sizes skipped: {exc}")
+        return
+    model_dir, pyfunc = work / "tabular-model", work / "tabular-pyfunc" / "model"
+    ours = di.build_app_image(client, di.deps_image(client, base, with_search=False), model_dir,
+                              {"deployment_id": "bench-image-size"})
+    roots = ["mlflow", *(r.split("==")[0] for r in pip_requirements(False))]
+    ref_deps = di.deps_image(client, base, False, roots=roots, kind="mlflow")
+    entries = [("Dockerfile", REF_DOCKERFILE.encode(), 0o644, 0)]
+    entries += [(f"model/{p.relative_to(pyfunc).as_posix()}", p, 0o644, 0) for p in sorted(pyfunc.rglob("*")) if p.is_file()]
+    ref, _ = client.images.build(fileobj=io.BytesIO(di._tar(entries)), custom_context=True, tag="lifecycle-bench:mlflow-ref",
+                                 buildargs={"DEPS_IMAGE": ref_deps}, rm=True, forcerm=True, pull=False)
+    container = client.containers.run(ref.id, detach=True, ports={"8080/tcp": ("127.0.0.1", None)})
+    try:
+        deadline, ok = time.monotonic() + 120, False
+        while time.monotonic() < deadline and not ok:
+            container.reload()
+            port = ((container.attrs["NetworkSettings"]["Ports"] or {}).get("8080/tcp") or [{}])[0].get("HostPort")
+            try:
+                ok = bool(port) and httpx.get(f"http://127.0.0.1:{port}/ping", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        if not ok:
+            raise RuntimeError(f"the mlflow reference image does not serve: {container.logs(tail=10).decode()}")
+    finally:
+        container.remove(force=True)
+    ours_mb, ref_mb = ours.attrs["Size"] / 1e6, ref.attrs["Size"] / 1e6
+    base_mb = client.images.get(base).attrs["Size"] / 1e6
+    print(f"  images: ours {ours_mb:.0f} MB, mlflow reference {ref_mb:.0f} MB (base {base_mb:.0f} MB)")
+    record("serve.image.size (tabular model, core image)", ours_mb, "MB",
+           baseline=f"same base ({base_mb:.0f} MB) + mlflow + the model's requirements, offline, `mlflow models serve`",
+           baseline_value=ref_mb, higher_is_better=False, goal="smaller than the mlflow image")
+    search = di.image_exists(client, di.deps_spec(client, base, True)[0])
+    if search is not None:
+        record("serve.image.size (search image: + LanceDB, torch CPU, MiniLM)", search.attrs["Size"] / 1e6, "MB",
+               goal="reported (no mlflow+torch reference built)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=50, help="boosting rounds (x 4 classes = trees)")
+    parser.add_argument("--skip-text", action="store_true")
+    parser.add_argument("--skip-images", action="store_true")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    ensure_wrk()
+    c = args.connections
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        work = Path(tmp)
+        trees = args.rounds * 4
+        tab = bench_model("tabular", False, args, work)
+        base = tab["mlflow"]
+        for key, label in (("ours1", "1 process, pinned to CPU 0"), ("ours2", "2 processes, SO_REUSEPORT, unpinned")):
+            r = tab[key]
+            record(f"serve.tabular.rps ({label}, c={c}, {trees} trees, 1 row)", r["rps"], "req/s",
+                   baseline=f"mlflow models serve --env-manager local, best variant: {base['variant']} ({note(base)})",
+                   baseline_value=base["rps"], goal="≥ 10× MLflow's req/s")
+            record(f"serve.tabular.p50 ({label}, c={c})", r["p50_ms"], "ms", baseline="mlflow models serve p50",
+                   baseline_value=base["p50_ms"], higher_is_better=False)
+            record(f"serve.tabular.p99 ({label}, c={c})", r["p99_ms"], "ms", baseline="mlflow models serve p99",
+                   baseline_value=base["p99_ms"], higher_is_better=False, goal="p99 ≤ 10 ms")
+        if not args.skip_text:
+            txt = bench_model("text", True, args, work)
+            ours, ref = txt["ours1"], txt["mlflow"]
+            record(f"serve.text.rps (MiniLM features, micro-batched, 1 process, c={c})", ours["rps"],
+                   "req/s", baseline=f"mlflow models serve of the same pyfunc, best variant: {ref['variant']} "
+                   f"({note(ref)})",
+                   baseline_value=ref["rps"], goal="≥ 3× MLflow's req/s")
+            record(f"serve.text.p99 (micro-batched, 1 process, c={c})", ours["p99_ms"], "ms",
+                   baseline="mlflow models serve p99", baseline_value=ref["p99_ms"], higher_is_better=False)
+        if not args.skip_images:
+            image_sizes(work)
+
+
+if __name__ == "__main__":
+    main()

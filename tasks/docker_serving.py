@@ -1,0 +1,425 @@
+"""Docker serving: one container per deployment behind an edge that owns the published port.
+
+Why this shape:
+- **Blue/green without a gap.** A container's published port is fixed at creation, so "stop the old,
+  start the new on the same port" leaves users without an endpoint for a whole model load. Instead
+  the published port (127.0.0.1 unless the target says otherwise) belongs to a small, long-lived edge
+  container (serving/edge.py, stdlib-only HTTP/1.1 proxy). Backends live on the `lifecycle-serving`
+  network and each also gets a random 127.0.0.1 port for tests. A rollout starts the new backend
+  beside the old, waits for `/health`, smoke-tests it on its own port (a prediction, `/version`, a
+  search), rewrites the edge's route and sends SIGHUP, checks through the published endpoint that the
+  new deployment answers, and only then stops the old one (SIGTERM: uvicorn finishes what it has).
+  The edge routes request by request, so keep-alive clients never see the switch.
+- **Failure keeps the old one.** Any failure before the switch removes the new container and leaves
+  route and old backend untouched; the error carries the reason and the new container's log tail.
+- **State lives on the docker host**: the edge's route file names the live backend; containers carry
+  the lineage as labels. No local file can disagree with what runs.
+- **Secrets stay out of images and `docker inspect`**: config.json (and the token) are put into
+  `/app/run` (0400, uid 10001) between create and start. Backends run as uid 10001 with all
+  capabilities dropped and no-new-privileges; a local LanceDB folder is mounted read-only.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import secrets
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from prefect import task
+from pydantic import BaseModel
+
+from infra_blocks import ServingTarget
+from lifecycle.errors import LifecycleError
+from lifecycle.features import FeatureSchema
+from serving.config import ServingConfig
+from serving.model import SCHEMA_FILE
+from tasks.docker_images import (
+    CONTAINER_PORT,
+    LABEL,
+    SERVING_UID,
+    _tar,
+    build_app_image,
+    deps_image,
+    docker_client,
+    edge_image,
+    image_summary,
+)
+from tasks.serving import CONFIG_FILE, base_url, smoke_test_url
+
+NETWORK = "lifecycle-serving"
+RUN_DIR = "/app/run"
+LANCEDB_MOUNT = "/data/lancedb"
+ROUTE_FILE = "route.json"
+HARDENING = {"cap_drop": ["ALL"], "security_opt": ["no-new-privileges"]}
+
+
+class DockerServer(BaseModel):
+    """The live backend of a docker target (what the edge routes to)."""
+
+    container_id: str
+    name: str
+    deployment_id: str
+    image_id: str
+    address: str  # <container name>:8080 on the lifecycle-serving network, what the edge connects to
+    test_url: str  # http://127.0.0.1:<random port>: the backend alone, for smoke tests
+    endpoint: str  # the published endpoint (through the edge)
+    lineage: dict[str, str | None] = {}
+
+    @property
+    def pid(self) -> int:  # for callers written for process servers (`lifecycle down` prints it)
+        return 0
+
+    @property
+    def host(self) -> str:
+        return self.endpoint.split("//", 1)[-1].rsplit(":", 1)[0]
+
+    @property
+    def port(self) -> int:
+        return int(self.endpoint.rsplit(":", 1)[-1])
+
+
+def edge_name(target: ServingTarget) -> str:
+    return f"lifecycle-edge-{target.port}"
+
+
+def _get(client: Any, name_or_id: str) -> Any | None:
+    import docker
+
+    try:
+        return client.containers.get(name_or_id)
+    except docker.errors.NotFound:
+        return None
+
+
+def ensure_network(client: Any) -> Any:
+    found = client.networks.list(names=[NETWORK])
+    exact = [n for n in found if n.name == NETWORK]
+    return exact[0] if exact else client.networks.create(NETWORK, driver="bridge", labels={f"{LABEL}.role": "network"})
+
+
+def log_tail(container: Any, lines: int = 20) -> str:
+    try:
+        text = container.logs(tail=lines).decode(errors="replace").strip()
+    except Exception:  # noqa: BLE001 - the container may be gone already
+        return "(no container log)"
+    return text or "(container log is empty)"
+
+
+def remove(container: Any | None, grace_s: float = 10.0) -> None:
+    """Stop (SIGTERM, then SIGKILL after `grace_s`) and delete a container; gone already is fine."""
+    import docker
+
+    if container is None:
+        return
+    try:
+        container.stop(timeout=int(grace_s))
+    except docker.errors.NotFound:
+        return
+    except docker.errors.APIError:
+        pass
+    try:
+        container.remove(force=True)
+    except docker.errors.NotFound:
+        pass
+
+
+# --- the edge ----------------------------------------------------------------------------------------
+
+
+def read_route(edge: Any) -> dict[str, Any]:
+    """The edge's route file (`{}` when none was written yet)."""
+    import docker
+
+    try:
+        stream, _ = edge.get_archive(f"{RUN_DIR}/{ROUTE_FILE}")
+    except docker.errors.NotFound:
+        return {}
+    with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
+        member = tar.extractfile(ROUTE_FILE)
+        return json.loads(member.read()) if member else {}
+
+
+def write_route(edge: Any, route: dict[str, Any], signal_edge: bool = True) -> None:
+    edge.put_archive(RUN_DIR, _tar([(ROUTE_FILE, json.dumps(route).encode(), 0o444, SERVING_UID)]))
+    if signal_edge:
+        edge.kill(signal="SIGHUP")
+
+
+def ensure_edge(client: Any, target: ServingTarget) -> Any:
+    """The running edge of the target, (re)created when missing or when its image or settings changed.
+
+    Raises:
+        LifecycleError: the published port cannot be bound (in use by something else).
+    """
+    import docker
+
+    image = edge_image(client, target.base_image)
+    spec = f"{image}|{target.host}|{target.port}|{target.max_body_bytes}"
+    edge = _get(client, edge_name(target))
+    route: dict[str, Any] = {}
+    if edge is not None:
+        if edge.labels.get(f"{LABEL}.edge-spec") == spec:
+            if edge.status != "running":
+                edge.start()
+            return edge
+        route = read_route(edge)  # new edge code or settings: carry the route over (brief interruption)
+        remove(edge, grace_s=5)
+    ensure_network(client)
+    edge = client.containers.create(
+        image, ["python3", "/app/edge.py", "--port", str(CONTAINER_PORT), "--max-body", str(target.max_body_bytes)],
+        name=edge_name(target), network=NETWORK, ports={f"{CONTAINER_PORT}/tcp": (target.host, target.port)},
+        labels={f"{LABEL}.role": "edge", f"{LABEL}.edge-spec": spec, f"{LABEL}.endpoint": target.endpoint},
+        restart_policy={"Name": "unless-stopped"}, **HARDENING)
+    try:
+        write_route(edge, route or {"backend": None}, signal_edge=False)
+        edge.start()
+    except docker.errors.APIError as exc:
+        remove(edge, grace_s=1)
+        raise LifecycleError(f"docker serving target: cannot publish {target.host}:{target.port} "
+                             f"({exc.explanation or exc})") from exc
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:  # listening?
+        try:
+            httpx.get(f"{base_url(target.host, target.port)}/health", timeout=1.0)
+            return edge
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise LifecycleError(f"edge {edge_name(target)} did not start listening: {log_tail(edge)}")
+
+
+# --- backends ------------------------------------------------------------------------------------
+
+
+def container_config(config: ServingConfig, image_id: str, has_token: bool) -> ServingConfig:
+    """The snapshot's config as the container sees it: its own paths and port, the token as a file."""
+    index = config.index
+    if index is not None and "://" not in index.uri:
+        index = index.model_copy(update={"uri": LANCEDB_MOUNT})
+    return config.model_copy(update={
+        "model_dir": "/app/model", "host": "0.0.0.0", "port": CONTAINER_PORT, "api_token": None,
+        "api_token_file": f"{RUN_DIR}/token" if has_token else None, "index": index,
+        "lineage": {**config.lineage, "image_digest": image_id}})
+
+
+def start_backend(client: Any, target: ServingTarget, image: Any, config: ServingConfig) -> Any:
+    """Create the deployment's container (config and token put in before start) and start it."""
+    from docker.types import Mount
+
+    token = config.api_token
+    inner = container_config(config, image.id, token is not None)
+    files: list[tuple[str, Path | bytes, int, int]] = [
+        (CONFIG_FILE, inner.model_dump_json(indent=2).encode(), 0o400, SERVING_UID)]
+    if token is not None:
+        files.append(("token", token.get_secret_value().encode(), 0o400, SERVING_UID))
+    mounts = []
+    if config.index is not None and "://" not in config.index.uri:
+        local = Path(config.index.uri).resolve()
+        if not target.docker_base_url or target.docker_base_url.startswith("unix://"):
+            mounts.append(Mount(LANCEDB_MOUNT, str(local), type="bind", read_only=True))
+        else:
+            raise LifecycleError(f"index {local}: a local LanceDB folder cannot be mounted into a remote docker "
+                                 f"host ({target.docker_base_url}); use an s3:// vector store")
+    deployment = str(config.deployment_id)
+    labels = {f"{LABEL}.role": "backend", f"{LABEL}.endpoint": target.endpoint,
+              f"{LABEL}.deployment-id": deployment, f"{LABEL}.image-digest": image.id}
+    container = client.containers.create(
+        image.id, name=f"lifecycle-{target.port}-{deployment[:12]}-{secrets.token_hex(2)}", network=NETWORK,
+        ports={f"{CONTAINER_PORT}/tcp": ("127.0.0.1", None)}, labels=labels, mounts=mounts,
+        tmpfs={"/tmp": "size=256m"}, **HARDENING)
+    container.put_archive(RUN_DIR, _tar(files))
+    container.start()
+    container.reload()
+    return container
+
+
+def backend_address(container: Any) -> tuple[str, str]:
+    """(<name>:8080 on the network, http://127.0.0.1:<test port>) of a started backend.
+
+    The edge reaches backends by container name (docker's DNS on the network), not IP: addresses
+    change when the daemon restarts the containers, names do not.
+    """
+    settings = container.attrs["NetworkSettings"]
+    bindings = (settings.get("Ports") or {}).get(f"{CONTAINER_PORT}/tcp") or []
+    if NETWORK not in (settings.get("Networks") or {}) or not bindings:
+        raise LifecycleError(f"container {container.name}: no address yet (status {container.status})")
+    return f"{container.name}:{CONTAINER_PORT}", f"http://127.0.0.1:{bindings[0]['HostPort']}"
+
+
+def wait_backend(container: Any, url: str, timeout_s: float) -> None:
+    """Poll `/health` until 200; fail early when the container exits."""
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(base_url=url, timeout=2.0) as http:
+        while True:
+            container.reload()
+            if container.status in ("exited", "dead"):
+                code = container.attrs["State"].get("ExitCode")
+                raise LifecycleError(f"container exited (status {code}) before becoming healthy")
+            try:
+                if http.get("/health").status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise LifecycleError(f"container not healthy after {timeout_s:.0f} s")
+            time.sleep(0.2)
+
+
+def _server(container: Any, target: ServingTarget) -> DockerServer:
+    address, test_url = backend_address(container)
+    labels = container.labels
+    prefix = f"{LABEL}.lineage."
+    lineage = {k.removeprefix(prefix): v for k, v in (container.image.labels or {}).items() if k.startswith(prefix)}
+    return DockerServer(container_id=container.id, name=container.name, deployment_id=labels[f"{LABEL}.deployment-id"],
+                        image_id=container.image.id, address=address, test_url=test_url,
+                        endpoint=base_url(target.host, target.port), lineage=lineage)
+
+
+def current(client: Any, target: ServingTarget) -> tuple[Any | None, Any | None]:
+    """(edge, live backend container) of the target; either may be None."""
+    edge = _get(client, edge_name(target))
+    if edge is None:
+        return None, None
+    backend_id = read_route(edge).get("container")
+    backend = _get(client, backend_id) if backend_id else None
+    if backend is not None and backend.status != "running":
+        backend = None
+    return edge, backend
+
+
+def serving_now(target: ServingTarget, deployment: str) -> DockerServer | None:
+    """The live backend if it serves `deployment` through the published endpoint (token checked)."""
+    try:
+        client = docker_client(target.docker_base_url, timeout=10)
+        edge, backend = current(client, target)
+    except LifecycleError:
+        return None
+    if edge is None or backend is None or backend.labels.get(f"{LABEL}.deployment-id") != deployment:
+        return None
+    token = target.api_token
+    headers = {"Authorization": f"Bearer {token.get_secret_value()}"} if token else {}
+    try:
+        version = httpx.get(f"{base_url(target.host, target.port)}/version", headers=headers, timeout=3.0)
+        ok = version.status_code == 200 and version.json().get("deployment_id") == deployment
+    except (httpx.HTTPError, ValueError):
+        return None
+    return _server(backend, target) if ok else None
+
+
+def stop_current(target: ServingTarget, grace_s: float = 10.0) -> DockerServer | None:
+    """Stop the live backend, the edge and any leftover backend of this endpoint; returns the live one."""
+    client = docker_client(target.docker_base_url)
+    edge, backend = current(client, target)
+    live = _server(backend, target) if backend is not None else None
+    leftovers = client.containers.list(all=True, filters={"label": [f"{LABEL}.role=backend",
+                                                                     f"{LABEL}.endpoint={target.endpoint}"]})
+    for container in leftovers:
+        remove(container, grace_s)
+    remove(edge, grace_s=2)
+    return live
+
+
+# --- rollout ------------------------------------------------------------------------------------------
+
+
+def build_image(target: ServingTarget, snapshot: Path, log: Any = print) -> Any:
+    """The deployment image for a snapshot folder (deps image first, built once per requirement set)."""
+    client = docker_client(target.docker_base_url)
+    config = ServingConfig.read(snapshot / CONFIG_FILE)
+    schema = FeatureSchema.model_validate_json((snapshot / SCHEMA_FILE).read_bytes())
+    with_search = config.index is not None or bool(schema.embedding_dim)
+    deps = deps_image(client, target.base_image, with_search, log=log)
+    return build_app_image(client, deps, snapshot, config.lineage)
+
+
+def rollout(target: ServingTarget, snapshot: Path, image: Any, grace_s: float = 10.0) -> tuple[DockerServer, str | None]:
+    """Make `image` (built from `snapshot`) the live backend of the target; returns (new, previous id).
+
+    Keeps the live backend when it already serves this deployment.
+
+    Raises:
+        LifecycleError: the new container did not start, become healthy, pass the smoke test or take
+            over the endpoint; the old one (if any) still serves and the message says so.
+    """
+    from tasks.process_serving import _target_lock
+
+    with _target_lock(target):
+        return _rollout(target, snapshot, image, grace_s)
+
+
+def _rollout(target: ServingTarget, snapshot: Path, image: Any, grace_s: float) -> tuple[DockerServer, str | None]:
+    client = docker_client(target.docker_base_url)
+    config = ServingConfig.read(snapshot / CONFIG_FILE)
+    deployment = str(config.deployment_id)
+    kept = serving_now(target, deployment)
+    if kept is not None:
+        return kept, None
+    edge = ensure_edge(client, target)
+    _, old = current(client, target)
+    old_id = old.labels.get(f"{LABEL}.deployment-id") if old is not None else None
+    keeps = f"deployment {old_id} keeps serving" if old is not None else "nothing was serving before"
+    schema = FeatureSchema.model_validate_json((snapshot / SCHEMA_FILE).read_bytes())
+    new = None
+    try:
+        new = start_backend(client, target, image, config)
+        address, test_url = backend_address(new)
+        wait_backend(new, test_url, target.health_timeout_s)
+        smoke_test_url(test_url, target.api_token, schema, deployment, config.index is not None)
+        write_route(edge, {"backend": address, "container": new.id, "deployment_id": deployment})
+        _confirm_switch(target, deployment)
+    except BaseException as exc:  # whatever happens, the new one goes and the old one keeps the route
+        tail = log_tail(new).replace("\n", "\n    ") if new is not None else "(not created)"
+        if new is not None and read_route(edge).get("container") == new.id:
+            back = {"backend": backend_address(old)[0], "container": old.id, "deployment_id": old_id} if old else {}
+            write_route(edge, back or {"backend": None})
+        remove(new, grace_s=2)
+        if not isinstance(exc, (LifecycleError, httpx.HTTPError, ValueError)) and not _is_docker_error(exc):
+            raise
+        raise LifecycleError(f"deployment {deployment}: {exc}; {keeps}\n  container log:\n    {tail}") from exc
+    new.update(restart_policy={"Name": "unless-stopped"})  # live now: survive a daemon restart
+    remove(old, grace_s)
+    return _server(new, target), old_id
+
+
+def _confirm_switch(target: ServingTarget, deployment: str, timeout_s: float = 10.0) -> None:
+    """The published endpoint answers `/version` with the new deployment (the edge took the route)."""
+    token = target.api_token
+    headers = {"Authorization": f"Bearer {token.get_secret_value()}"} if token else {}
+    deadline = time.monotonic() + timeout_s
+    served = None
+    while time.monotonic() < deadline:
+        try:
+            served = httpx.get(f"{base_url(target.host, target.port)}/version", headers=headers, timeout=2.0
+                               ).json().get("deployment_id")
+        except (httpx.HTTPError, ValueError):
+            served = None
+        if served == deployment:
+            return
+        time.sleep(0.05)
+    raise LifecycleError(f"the published endpoint {target.endpoint} still serves {served} after the switch")
+
+
+def _is_docker_error(exc: BaseException) -> bool:
+    import docker
+
+    return isinstance(exc, docker.errors.DockerException)
+
+
+# --- Prefect tasks -------------------------------------------------------------------------------
+
+
+@task(name="build-serving-image", tags=["lifecycle", "deploy", "docker"])
+def build_image_task(target: ServingTarget, snapshot: Path) -> dict[str, Any]:
+    """Prefect wrapper; returns the image summary (id, tags, size) so the flow can report it."""
+    return image_summary(build_image(target, snapshot))
+
+
+@task(name="rollout-docker", tags=["lifecycle", "deploy", "docker"])
+def rollout_task(target: ServingTarget, snapshot: Path, image_id: str) -> tuple[DockerServer, str | None]:
+    """Prefect wrapper, no retries: a failed rollout has left the old backend serving."""
+    client = docker_client(target.docker_base_url)
+    return rollout(target, snapshot, client.images.get(image_id))

@@ -1,0 +1,80 @@
+"""Micro-batching of text requests through the real MiniLM encoder (serving/batching.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+
+from lifecycle.sample import SAMPLE_SPEC, generate_tickets
+from lifecycle.spec import parse_spec
+from serving.app import create_app
+from serving.config import ServingConfig
+from serving.model import BOOSTER_FILE, SCHEMA_FILE, ServingModel
+
+
+def write_text_model(path: Path, rows: int = 300) -> Path:
+    """A small booster on tabular + MiniLM features of the ticket text, saved as train saves it."""
+    import xgboost as xgb
+
+    from lifecycle.encoder import EMBED_DIM, encode, prepare_texts
+    from lifecycle.features import build_schema, encode_labels, feature_matrix
+
+    spec = parse_spec({**SAMPLE_SPEC, "source": "tickets.csv"})
+    frame = generate_tickets(rows, seed=4)
+    cats = {c: frame[c].dropna().unique().tolist() for c in spec.categorical_features}
+    schema = build_schema(spec, cats, sorted(frame[spec.label_column].unique()), embedding_dim=EMBED_DIM)
+    emb = encode(prepare_texts(frame[spec.text_column], 2000))
+    dtrain = xgb.DMatrix(feature_matrix(frame, schema, emb), encode_labels(frame[spec.label_column], schema),
+                         feature_names=schema.feature_names, feature_types=schema.feature_types, enable_categorical=True)
+    booster = xgb.train({"objective": "multi:softprob", "num_class": len(schema.classes), "max_depth": 3,
+                         "nthread": 1}, dtrain, num_boost_round=10)
+    path.mkdir(parents=True, exist_ok=True)
+    booster.save_model(str(path / BOOSTER_FILE))
+    (path / SCHEMA_FILE).write_text(schema.model_dump_json())
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory) -> tuple[Path, ServingModel]:
+    folder = write_text_model(tmp_path_factory.mktemp("text-model"))
+    return folder, ServingModel.load(folder)
+
+
+def test_concurrent_text_requests_share_encoder_batches_and_keep_their_own_answers(text_model):
+    from lifecycle.encoder import encoded_counts
+    from serving.pyfunc import BoosterPredictor
+
+    folder, model = text_model
+    app = create_app(ServingConfig(model_dir=str(folder)), model=model)
+    frame = generate_tickets(24, seed=8)[model.schema.input_columns]
+    rows = frame.astype(object).where(frame.notna(), None).to_dict("records")
+    bad = {**rows[0], "sentiment": "very"}
+
+    async def fire() -> list[httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://serving") as client:
+            calls = [client.post("/invocations", json={"dataframe_records": [r], "params": {"probabilities": i % 2 == 0}})
+                     for i, r in enumerate(rows)]
+            calls.append(client.post("/invocations", json={"dataframe_records": [bad]}))
+            return await asyncio.gather(*calls)
+
+    before = encoded_counts()["calls"]
+    answers = asyncio.run(fire())
+    encoder_calls = encoded_counts()["calls"] - before
+    batcher = app.state.batcher
+    assert batcher.requests == len(rows) + 1
+    assert encoder_calls < len(rows) // 2 and batcher.batches < len(rows) // 2  # shared batches, not one per request
+
+    reference = BoosterPredictor(model.booster, model.schema)
+    for i, (row, answer) in enumerate(zip(rows, answers)):
+        assert answer.status_code == 200, answer.text
+        (got,) = answer.json()["predictions"]
+        want = reference.predict(pd.DataFrame([row]), probabilities=i % 2 == 0).iloc[0].to_dict()
+        assert got.keys() == want.keys() and got["prediction"] == want["prediction"]
+        probs = [k for k in got if k.startswith("proba_")]
+        np.testing.assert_allclose([got[k] for k in probs], [want[k] for k in probs], atol=1e-4)
+    assert answers[-1].status_code == 400 and "sentiment" in answers[-1].json()["message"]
