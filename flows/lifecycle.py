@@ -36,7 +36,7 @@ from lifecycle.records import (
     utcnow,
 )
 from lifecycle.spec import DatasetSpec
-from tasks.records import current_champion
+from tasks.promotion import audited_champion
 
 T = TypeVar("T", bound=Record)
 
@@ -107,7 +107,9 @@ def run_lifecycle(spec: DatasetSpec, targets: Targets) -> LifecycleResult:
     trained = _run_stage("train", started_at, results, train, spec, dataset, report, store, targets.compute,
                          targets.mlflow, features)
     model = _run_stage("register", started_at, results, register, spec, trained, store, targets.mlflow)
-    champion = model if model.promoted else current_champion(store, spec.name)
+    # The champion by the audit chain: this run's model when it was promoted, else whatever register,
+    # `lifecycle promote` or `lifecycle rollback` last moved the alias to.
+    champion = audited_champion(store, spec.name, targets.mlflow.model_name(spec.name))
     deployment = None
     if champion is None:
         _skip("deploy", results, "no champion")

@@ -254,6 +254,7 @@ def search(
     k: int = typer.Option(5, help="Rows to return."),
     where: Optional[str] = typer.Option(None, help="SQL filter on metadata, e.g. \"category = 'billing'\"."),
     profile: str = typer.Option("local"),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per row (for scripts)."),
 ) -> None:
     """Search the latest index of a dataset with a text query."""
     _prepare_env()
@@ -270,19 +271,36 @@ def search(
         rows = Searcher.from_record(record, targets.vectors).search(query, k=k, where=where)
     except LifecycleError as exc:
         _fail(exc)
-    table = Table(title=f"{query!r} in {record.table}@{record.tag}")
-    if rows:
-        for col in rows[0]:
-            table.add_column(col)
+    if as_json:
+        import json
+
         for row in rows:
-            table.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()))
+            typer.echo(json.dumps(row, default=str))
+        return
+    # Short columns keep their full width; the text gets what is left of the terminal, cut with "…".
+    meta = list(rows[0]["metadata"]) if rows else []
+    cells = [[str(r["id"]), *(str(r["metadata"][c]) for c in meta), f"{r['_distance']:.4f}"] for r in rows]
+    table = Table(title=f"{query!r} in {record.table}@{record.tag}")
+    widths = []
+    for i, col in enumerate(("id", *meta, "distance")):
+        widths.append(max([len(col), *(len(c[i]) for c in cells)]))
+        table.add_column(col, no_wrap=True, min_width=widths[-1], justify="right" if col == "distance" else "left")
+    left = max(10, console.width - sum(widths) - 3 * len(widths) - 4)
+    table.add_column("text", no_wrap=True, overflow="ellipsis", max_width=left)
+    for row, short in zip(rows, cells):
+        table.add_row(*short, str(row["text"]))
     console.print(table)
 
 
 @app.command()
 def down(profile: str = typer.Option("local")) -> None:
-    """Stop the serving process this profile started (by its recorded PID)."""
+    """Stop the serving process this profile started, and what `lifecycle up` started (by recorded PIDs)."""
     _prepare_env()
+    from lifecycle.cli_server import stop_started
+    from lifecycle.profiles import lifecycle_home
+
+    for name in stop_started(lifecycle_home()):  # what `lifecycle up` started, even if the profile is broken
+        console.print(f"stopped {name}")
     try:
         from lifecycle.profiles import load_profile
         from tasks.serving import stop_current
@@ -294,7 +312,6 @@ def down(profile: str = typer.Option("local")) -> None:
         console.print(f"stopped deployment {stopped.deployment_id} (PID {stopped.pid}) on {stopped.host}:{stopped.port}")
     else:
         console.print("nothing was serving")
-
 
 
 @app.command()
@@ -319,6 +336,19 @@ def blocks_apply(profile: str = typer.Option("local", help="Profile to apply."))
         _fail(exc)
     for role, name in names.items():
         console.print(f"  {role:<8} → {name}")
+
+
+from lifecycle.cli_server import notify, register, up  # noqa: E402 - commands of `lifecycle up` (issue 6)
+
+app.command()(up)
+app.command()(notify)
+app.command()(register)
+
+
+from lifecycle.cli_models import promote, rollback  # noqa: E402 - move @champion by hand, audited (issue 4)
+
+app.command()(promote)
+app.command()(rollback)
 
 
 def main() -> None:  # pragma: no cover - console entry point

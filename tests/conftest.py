@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 # Fixture modules for real servers; each issue's fixtures live in their own module.
-pytest_plugins = ["tests.fixtures.s3"]
+pytest_plugins = ["tests.fixtures.s3", "tests.fixtures.dask_mlflow", "tests.fixtures.prefect_server",
+                  "tests.fixtures.docker"]
 
 # Tests never reach a model hub: the encoder is the package-bundled MiniLM.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
