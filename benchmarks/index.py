@@ -100,7 +100,7 @@ def write_stage_outputs(store, vectors: np.ndarray, part_rows: int):
                         parts=emb_parts, encoded_rows=rows)
 
 
-# The ladder before issue 5's tuning (IVF_HNSW_SQ first), kept to measure the change against.
+# The earlier ladder (IVF_HNSW_SQ first), kept to measure the change against.
 HNSW_FIRST = (
     ("ivf_hnsw_sq", {}, ({}, {"refine_factor": 5}, {"refine_factor": 10, "ef": 200})),
     ("ivf_pq", {}, ({"refine_factor": 10}, {"nprobes": 50, "refine_factor": 20},

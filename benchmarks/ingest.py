@@ -5,7 +5,7 @@ a local CSV (and as a local Parquet file of the normalised table). Then, best of
 round runs every side once, so the sides share the machine's noise), each run timed alone:
 
 - `raw write`: `pyarrow.parquet.write_table` of the normalised table (already in memory) to
-  `pyarrow.fs.S3FileSystem` — the issue's baseline: bytes on the wire and nothing else.
+  `pyarrow.fs.S3FileSystem` — the baseline: bytes on the wire and nothing else.
 - `raw csv pipeline`: a hand-written streaming CSV → Parquet on S3 with pyarrow (open_csv + ParquetWriter),
   the same input work as ingest without versioning, staging or a manifest.
 - `ingest csv` / `ingest parquet`: `tasks.ingest.ingest_dataset` from the local CSV / Parquet into an

@@ -338,14 +338,14 @@ def blocks_apply(profile: str = typer.Option("local", help="Profile to apply."))
         console.print(f"  {role:<8} → {name}")
 
 
-from lifecycle.cli_server import notify, register, up  # noqa: E402 - commands of `lifecycle up` (issue 6)
+from lifecycle.cli_server import notify, register, up  # noqa: E402 - the orchestration commands
 
 app.command()(up)
 app.command()(notify)
 app.command()(register)
 
 
-from lifecycle.cli_models import promote, rollback  # noqa: E402 - move @champion by hand, audited (issue 4)
+from lifecycle.cli_models import promote, rollback  # noqa: E402 - move @champion by hand, audited
 
 app.command()(promote)
 app.command()(rollback)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-# Fixture modules for real servers; each issue's fixtures live in their own module.
+# Fixture modules for real servers, one module per system.
 pytest_plugins = ["tests.fixtures.s3", "tests.fixtures.dask_mlflow", "tests.fixtures.prefect_server",
                   "tests.fixtures.docker"]
 
