@@ -23,6 +23,7 @@ import sys
 import uuid
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
 
 import fsspec
@@ -49,6 +50,7 @@ BLOCK_BYTES = 2 << 20
 GROUP_ROWS = 131_072
 HEADER_BYTES = 1 << 20
 MANIFEST = "manifest.json"
+STAGING = "_staging"
 
 
 def target_schema(spec: DatasetSpec, id_type: pa.DataType) -> pa.Schema:
@@ -236,15 +238,17 @@ def _hashed(tables: Iterator[tuple[str, pa.Table]], hasher: ContentHash) -> Iter
         yield shown, table
 
 
-def _cleanup_invisible(store: ObjectStore, name: str) -> None:
+def _cleanup_invisible(store: ObjectStore, name: str, keep: str = "") -> None:
     """Remove staging leftovers and version folders without a manifest (failed earlier runs).
 
     One listing decides it all (no request per version): a folder is visible iff it holds a manifest.
+    `keep` is this run's own staging folder, which may already exist when the listing is taken.
     """
     keys = [k.split("/") for k in store.list_keys(f"datasets/{name}")]
-    folders = {k[2] for k in keys if len(k) >= 4}
+    folders = {k[2] for k in keys if len(k) >= 4 and k[2] != STAGING}
+    folders |= {f"{STAGING}/{k[3]}" for k in keys if len(k) >= 5 and k[2] == STAGING}
     visible = {k[2] for k in keys if len(k) == 4 and k[3] == MANIFEST}
-    for folder in sorted(folders - visible):
+    for folder in sorted(folders - visible - {keep.removeprefix(f"datasets/{name}/")}):
         store.delete(f"datasets/{name}/{folder}")
 
 
@@ -266,8 +270,14 @@ def ingest_dataset(store: ObjectStore, spec: DatasetSpec, log=None) -> DatasetVe
 
 
 def _ingest(store: ObjectStore, spec: DatasetSpec, log=None) -> DatasetVersion:
-    _cleanup_invisible(store, spec.name)
-    staging = f"datasets/{spec.name}/_staging/{uuid.uuid4().hex}"
+    staging = f"datasets/{spec.name}/{STAGING}/{uuid.uuid4().hex}"
+    # Two helpers run beside the read → encode → upload pipeline: the cleanup of earlier runs' leftovers
+    # (one listing, then deletes; joined before the commit, so it can never touch what this run
+    # commits), and the closing of finished parts (on S3 a close waits for the last chunk's upload,
+    # which would otherwise stall encoding the next part).
+    helpers = ThreadPoolExecutor(2, thread_name_prefix="ingest")
+    cleanup = helpers.submit(_cleanup_invisible, store, spec.name, staging)
+    closing: list[Future] = []
     pafs = store.pyarrow_filesystem()
     hasher, parts, rows, labels = ContentHash(), [], 0, set()
     writer: pq.ParquetWriter | None = None
@@ -286,19 +296,23 @@ def _ingest(store: ObjectStore, spec: DatasetSpec, log=None) -> DatasetVersion:
                     parts.append(f"{staging}/part-{len(parts):05d}.parquet")
                     if not parts[:-1]:  # a folder in a file lake; nothing on S3 (no marker objects)
                         store.filesystem().makedirs(store.path(staging), exist_ok=True)
-                    writer = pq.ParquetWriter(store.path(parts[-1]), table.schema, filesystem=pafs)
+                    writer = pq.ParquetWriter(store.path(parts[-1]), table.schema, filesystem=pafs,
+                                              use_dictionary=_dictionary_columns(spec, table.schema))
                     part_rows = 0
                 take = min(ROWS_PER_PART - part_rows, table.num_rows - offset)
                 writer.write_table(table.slice(offset, take))
                 offset, part_rows, rows = offset + take, part_rows + take, rows + take
                 if part_rows >= ROWS_PER_PART:
-                    writer.close()
+                    _close_behind(helpers, closing, writer)
                     writer = None
             if log:
                 log.info("ingest %s: %d rows read", spec.name, rows)
         if writer is not None:
-            writer.close()
+            _close_behind(helpers, closing, writer)
             writer = None
+        for done in closing:
+            done.result()
+        cleanup.result()
         if rows == 0 or schema is None:
             raise LifecycleError(f"{spec.source}: empty file (no data rows)")
         if spec.task is not Task.regression and len(labels) < 2:
@@ -318,11 +332,33 @@ def _ingest(store: ObjectStore, spec: DatasetSpec, log=None) -> DatasetVersion:
         with suppress(Exception):
             if writer is not None:
                 writer.close()
+        for pending in [*closing, cleanup]:
+            with suppress(BaseException):
+                pending.result()
         with suppress(Exception):
             store.delete(staging)
         raise
+    finally:
+        helpers.shutdown(wait=True)
     store.delete(staging)
     return record
+
+
+def _close_behind(helpers: ThreadPoolExecutor, closing: list[Future], writer: pq.ParquetWriter) -> None:
+    """Close a finished part in the background, at most one close in flight (bounded memory)."""
+    if closing:
+        closing[-1].result()
+    closing.append(helpers.submit(writer.close))
+
+
+def _dictionary_columns(spec: DatasetSpec, schema: pa.Schema) -> list[str]:
+    """Columns worth dictionary-encoding: the label of a classifier and the categoricals.
+
+    Ids, free text and continuous numbers are (nearly) all distinct: Parquet would build a dictionary
+    for each page, find it too large and fall back to plain encoding, paying for both.
+    """
+    wanted = [*spec.categorical_features, *([spec.label_column] if spec.task is not Task.regression else [])]
+    return [c for c in wanted if c in schema.names]
 
 
 def _commit(store: ObjectStore, spec: DatasetSpec, version: str, parts: list[str], rows: int,
