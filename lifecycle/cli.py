@@ -41,6 +41,7 @@ QUIET_ENV = {
     "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",
     "DASK_LOGGING__DISTRIBUTED": "error",
     "TQDM_DISABLE": "1",  # library load bars; the CLI draws its own stage progress
+    "LANCE_LOG": "error",  # LanceDB's Rust warnings ("no existing dataset … will be created", k-means notes)
 }
 
 
