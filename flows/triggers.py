@@ -28,6 +28,7 @@ from flows.ingest import ingest
 from flows.lifecycle import LifecycleResult, run_lifecycle
 from flows.params import DatasetName, ObjectUri, ProfileName, RecordId
 from flows.register import register
+from flows.subflows import without_subflow_heartbeat
 from flows.train import train
 from flows.validate import validate
 from lifecycle.errors import LifecycleError
@@ -47,7 +48,7 @@ def lifecycle_deployment(spec: DatasetSpec, profile: ProfileName | None = None) 
     """The whole lifecycle for one dataset spec (the nightly schedule and the UI's form start this)."""
     _, targets = targets_for(profile)
     save_spec_version(targets.store, spec)
-    with dataset_lock(spec.name):
+    with dataset_lock(spec.name), without_subflow_heartbeat():
         return run_lifecycle(spec, targets)
 
 
@@ -58,7 +59,7 @@ def ingest_validate(dataset: DatasetName, uri: ObjectUri, profile: ProfileName |
     store = targets.store
     spec = registered_spec(store, dataset, source=uri)
     save_spec_version(store, spec)
-    with tags(CHAIN_TAG), dataset_lock(dataset):
+    with tags(CHAIN_TAG), dataset_lock(dataset), without_subflow_heartbeat():
         version = ingest(spec, store)
         return validate(spec, version, store)
 
@@ -71,7 +72,7 @@ def build(validation: RecordId, profile: ProfileName | None = None) -> ModelVers
     report = load_record(store, ValidationReport, validation)
     version = _dataset_of(store, report.dataset_version)
     spec = spec_for(store, version)
-    with tags(CHAIN_TAG), dataset_lock(spec.name):
+    with tags(CHAIN_TAG), dataset_lock(spec.name), without_subflow_heartbeat():
         embeddings = None
         if spec.text_column:
             embeddings = embed(spec, version, report, store, targets.compute)
@@ -87,7 +88,7 @@ def ingest_entry(dataset: DatasetName, source: str | None = None, profile: Profi
     _, targets = targets_for(profile)
     spec = registered_spec(targets.store, dataset, source=source)
     save_spec_version(targets.store, spec)
-    with dataset_lock(dataset):
+    with dataset_lock(dataset), without_subflow_heartbeat():
         return ingest(spec, targets.store)
 
 
@@ -95,7 +96,7 @@ def ingest_entry(dataset: DatasetName, source: str | None = None, profile: Profi
 def validate_entry(dataset_version: RecordId, profile: ProfileName | None = None) -> ValidationReport:
     _, targets = targets_for(profile)
     version = _dataset_of(targets.store, dataset_version)
-    with dataset_lock(version.dataset):
+    with dataset_lock(version.dataset), without_subflow_heartbeat():
         return validate(spec_for(targets.store, version), version, targets.store)
 
 
@@ -104,7 +105,7 @@ def embed_entry(validation: RecordId, profile: ProfileName | None = None) -> Emb
     _, targets = targets_for(profile)
     report = load_record(targets.store, ValidationReport, validation)
     version = _dataset_of(targets.store, report.dataset_version)
-    with dataset_lock(version.dataset):
+    with dataset_lock(version.dataset), without_subflow_heartbeat():
         return embed(spec_for(targets.store, version), version, report, targets.store, targets.compute)
 
 
@@ -113,7 +114,7 @@ def index_entry(embeddings: RecordId, profile: ProfileName | None = None) -> Ind
     _, targets = targets_for(profile)
     emb = load_record(targets.store, EmbeddingSet, embeddings)
     version = _dataset_of(targets.store, emb.dataset_version)
-    with dataset_lock(version.dataset):
+    with dataset_lock(version.dataset), without_subflow_heartbeat():
         return index(spec_for(targets.store, version), emb, targets.store, targets.vectors)
 
 
@@ -136,7 +137,7 @@ def train_entry(validation: RecordId, embeddings: RecordId | None = None,
         emb = find_record(store, EmbeddingSet, embedding_set_id(spec, version))
         if emb is None:
             raise LifecycleError(f"dataset version {version.id}: no embedding set yet; run stage-embed first")
-    with dataset_lock(version.dataset):
+    with dataset_lock(version.dataset), without_subflow_heartbeat():
         return train(spec, version, report, store, targets.compute, targets.mlflow, emb)
 
 
@@ -145,7 +146,7 @@ def register_entry(trained: RecordId, profile: ProfileName | None = None) -> Mod
     _, targets = targets_for(profile)
     model = load_record(targets.store, TrainedModel, trained)
     version = _dataset_of(targets.store, model.dataset_version)
-    with dataset_lock(version.dataset):
+    with dataset_lock(version.dataset), without_subflow_heartbeat():
         return register(spec_for(targets.store, version), model, targets.store, targets.mlflow)
 
 
@@ -163,5 +164,5 @@ def deploy_entry(model_version: RecordId, index: RecordId | None = None,
         index_version = load_record(store, IndexVersion, index)
     else:
         index_version = latest_record(store, IndexVersion, spec.name) if spec.text_column else None
-    with dataset_lock(spec.name):
+    with dataset_lock(spec.name), without_subflow_heartbeat():
         return deploy(spec, model, index_version, store, targets.mlflow, targets.vectors, targets.serving)
