@@ -10,10 +10,26 @@ from benchmarks.harness import RESULTS
 OUT = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 
 
+FAMILIES = {
+    "lifecycle": "Whole lifecycle (wall time, orchestration share)",
+    "ingest": "Ingest into S3",
+    "validate": "Validation",
+    "embed": "Embeddings",
+    "index": "LanceDB index",
+    "train": "Training",
+    "serve": "Serving",
+}
+
+
 def render(rows: list[dict]) -> str:
+    """The latest figure of each name, grouped by stage; newest first inside a group, so that a figure of
+    an earlier configuration (a name no later run recorded) sits below the current ones with its date."""
     latest: dict[str, dict] = {}
     for row in rows:
         latest[row["name"]] = row
+    groups: dict[str, list[dict]] = {}
+    for row in latest.values():
+        groups.setdefault(row["name"].split(".", 1)[0], []).append(row)
     lines = [
         "# Benchmarks",
         "",
@@ -21,15 +37,18 @@ def render(rows: list[dict]) -> str:
         "Ratios compare figures measured side by side in one run on the machine named in the row.",
         "",
         "## Latest figures",
-        "",
-        "| name | value | unit | baseline | baseline value | ratio | goal | machine | date |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in latest.values():
-        cells = [row["name"], _fmt(row["value"]), row["unit"], row.get("baseline") or "",
-                 _fmt(row.get("baseline_value")), _fmt(row.get("ratio")), row.get("goal") or "",
-                 row["machine"], row["date"]]
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    order = [f for f in FAMILIES if f in groups] + sorted(set(groups) - set(FAMILIES))
+    for family in order:
+        lines += ["", f"### {FAMILIES.get(family, family)}", "",
+                  "| name | value | unit | baseline | baseline value | ratio | goal | machine | date |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        # Stable sort: newest date first, recording order kept among rows of one run.
+        for row in sorted(groups[family], key=lambda r: r["date"], reverse=True):
+            cells = [row["name"], _fmt(row["value"]), row["unit"], row.get("baseline") or "",
+                     _fmt(row.get("baseline_value")), _fmt(row.get("ratio")), row.get("goal") or "",
+                     row["machine"], row["date"]]
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     lines += ["", f"{len(rows)} figures recorded in all (see results.jsonl for the history).", ""]
     return "\n".join(lines)
 

@@ -41,7 +41,8 @@ QUIET_ENV = {
     "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",
     "DASK_LOGGING__DISTRIBUTED": "error",
     "TQDM_DISABLE": "1",  # library load bars; the CLI draws its own stage progress
-    "LANCE_LOG": "error",  # LanceDB's Rust warnings ("no existing dataset … will be created", k-means notes)
+    "MLFLOW_LOGGING_LEVEL": "ERROR",  # "Successfully registered model", pickling notes: the summary says it
+    "LANCEDB_LOG": "error",  # LanceDB's Rust warnings ("no existing dataset … will be created", k-means notes)
 }
 
 
@@ -114,10 +115,11 @@ def run(
         from infra_blocks.dask_compute import close_local_clusters
 
         close_local_clusters()
-    _print_summary(result, targets.serving.api_token is not None)
+    _print_summary(result, targets)
 
 
-def _print_summary(result, needs_token: bool) -> None:
+def _print_summary(result, targets) -> None:
+    needs_token = targets.serving.api_token is not None
     table = Table(title=f"lifecycle: {result.dataset.dataset}  ({result.seconds:.1f}s)", show_lines=False)
     table.add_column("stage")
     table.add_column("status")
@@ -141,32 +143,36 @@ def _print_summary(result, needs_token: bool) -> None:
     if result.deployment:
         ep = result.deployment.endpoint
         auth = ' -H "Authorization: Bearer $LIFECYCLE_API_TOKEN"' if needs_token else ""
+        request = _write_example_request(result, targets.store)
         console.print(f"[bold]Query:[/]  curl -s{auth} {ep}/invocations -H 'Content-Type: application/json' "
-                      "-d @.lifecycle/sample/request.json", soft_wrap=True)
+                      f"-d @{request}", soft_wrap=True)
         console.print(f"        curl -s{auth} {ep}/search -H 'Content-Type: application/json' "
                       "-d '{\"query\": \"refund for a double charge\", \"k\": 3}'", soft_wrap=True)
         console.print("        lifecycle search 'refund for a double charge'")
         console.print("[bold]Stop:[/]   lifecycle down")
-        _write_example_request(result)
 
 
-def _write_example_request(result) -> None:
-    """A ready-to-send /invocations payload for the first rows of the dataset."""
+def _write_example_request(result, store) -> str:
+    """Write a ready-to-send /invocations payload (the dataset's first rows) under LIFECYCLE_HOME;
+    returns its path as the query hint shows it (relative when it is below the current folder)."""
     import json
 
     from lifecycle.profiles import lifecycle_home
 
-    path = lifecycle_home() / "sample" / "request.json"
+    path = (lifecycle_home() / "sample" / "request.json").resolve()
     try:
-        from lifecycle.profiles import load_profile
         from tasks.ingest import read_dataset
 
-        frame = read_dataset(load_profile("local").store, result.dataset).head(2)
+        frame = read_dataset(store, result.dataset).head(2)
         payload = {"dataframe_split": json.loads(frame.to_json(orient="split", index=False))}
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(payload))
     except Exception:  # noqa: BLE001 - a convenience file; never fail a finished run over it
         pass
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 @app.command()
