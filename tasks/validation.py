@@ -194,6 +194,28 @@ def _no_frame_fingerprint() -> Iterator[None]:
         engine.HASH_THRESHOLD = previous
 
 
+# Expectations that read a column's dtype and null pattern only, never its values.
+SHAPE_ONLY = frozenset({"expect_column_to_exist", "expect_column_values_to_be_of_type",
+                        "expect_column_values_to_be_in_type_list", "expect_column_values_to_not_be_null"})
+
+
+def shape_only_view(frame: pd.DataFrame, expectations: list[Expectation]) -> pd.DataFrame:
+    """The frame GX is given: string columns that no expectation reads the values of become their null
+    pattern (empty strings where there is a value, nulls where there is none, same dtype).
+
+    Why: GX's pandas engine filters the *whole* frame for each column-map expectation
+    (`df[df[col].notnull()]`), copying every column each time; a free-text column is most of those
+    bytes (4.5 of 6.6 s at 10M sample rows). A column checked only for existence, type and nulls gives
+    the same results, counts and Data Docs from its null pattern; building that costs ~0.2 s per 10M.
+    """
+    reads_values = {getattr(e, "column", None) for e in expectations if e.expectation_type not in SHAPE_ONLY}
+    light = [c for c in frame.columns if c not in reads_values and isinstance(frame[c].dtype, pd.StringDtype)]
+    if not light:
+        return frame
+    return frame.assign(**{c: pd.Series("", index=frame.index, dtype=frame[c].dtype).where(frame[c].notna())
+                           for c in light})
+
+
 def validate_frame(frame: pd.DataFrame, spec: DatasetSpec, run_name: str, docs_dir: str) -> tuple[bool, int, list[FailedExpectation]]:
     """Run the spec's suite on a frame with an ephemeral GX context; Data Docs go to `docs_dir`.
 
@@ -222,7 +244,8 @@ def validate_frame(frame: pd.DataFrame, spec: DatasetSpec, run_name: str, docs_d
         result_format={"result_format": "SUMMARY", "partial_unexpected_count": 20},
     ))
     with _no_frame_fingerprint():
-        result = checkpoint.run(batch_parameters={"dataframe": frame}, run_id=RunIdentifier(run_name=run_name))
+        result = checkpoint.run(batch_parameters={"dataframe": shape_only_view(frame, suite.expectations)},
+                                run_id=RunIdentifier(run_name=run_name))
     (suite_result,) = result.run_results.values()
     rank = {e.id: i for i, e in enumerate(suite.expectations)}  # report in suite order, not GX's
     ordered = sorted(suite_result.results, key=lambda r: rank.get(r.expectation_config.id, len(rank)))

@@ -164,3 +164,30 @@ def test_report_for_another_version_is_refused(lake, sample_spec, dataset_versio
     other = dataset_version.model_copy(update={"id": "0" * 16})
     with pytest.raises(QuarantinedError, match=rf"tickets@{'0' * 16} is quarantined: .* is for tickets@{dataset_version.id}"):
         require_passed(report, other)
+
+
+def test_gx_gets_only_the_null_pattern_of_columns_whose_values_no_expectation_reads(tmp_path):
+    """The text column (exist, type, not-null checks only) reaches GX as its null pattern; the verdict and
+    every failure detail are those of the full frame."""
+    import numpy as np
+
+    from tasks.validation import shape_only_view, validate_frame
+
+    spec = spec_of(expectations={**SAMPLE_SPEC["expectations"], "max_null_fraction": 0.05})
+    frame = generate_tickets(400, seed=5)
+    frame["ticket_id"] = frame["ticket_id"].astype("Int64")
+    for col in ("category", "channel", "plan", "text"):
+        frame[col] = frame[col].astype("str")
+    frame.loc[np.arange(0, 400, 10), "text"] = None  # 10 % nulls: fails not-null(text, mostly 0.95)
+    frame.loc[3, "category"] = "spam"
+
+    view = shape_only_view(frame, build_expectations(spec))
+    assert (view["text"].isna() == frame["text"].isna()).all() and view["text"].dtype == frame["text"].dtype
+    assert set(view["text"].dropna()) == {""}
+    assert view["category"].equals(frame["category"])  # read by the allowed-labels check: untouched
+
+    ok, evaluated, failed = validate_frame(frame, spec, "tickets@view", str(tmp_path / "docs"))
+    assert not ok
+    by_column = {(f.expectation, f.column): f.detail for f in failed}
+    assert by_column[("expect_column_values_to_not_be_null", "text")].startswith("40 rows unexpected (10%")
+    assert "'spam'" in by_column[("expect_column_values_to_be_in_set", "category")]
