@@ -12,7 +12,9 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -62,21 +64,42 @@ def is_running(started: Started) -> bool:
     return ticks != 0 and (started.start_ticks == 0 or ticks == started.start_ticks)
 
 
+def wait_until_ok(get: Callable[[], Any], failed: Callable[[], str | None], timeout_s: float,
+                  timeout_message: str, interval_s: float = 0.3) -> None:
+    """Call `get` (an HTTP GET) until it answers 200; connection errors only mean "not yet".
+
+    Raises:
+        LifecycleError: `failed()` returned a reason (the server died: waiting longer cannot help), or
+            `timeout_s` passed (`timeout_message`).
+    """
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        reason = failed()
+        if reason is not None:
+            raise LifecycleError(reason)
+        try:
+            if get().status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise LifecycleError(timeout_message)
+        time.sleep(interval_s)
+
+
 def wait_http(started: Started, url: str, timeout_s: float = 90.0) -> None:
     """Wait until `url` answers 200; fail in one line (plus the log's tail) if the process died or it never did."""
     import httpx
 
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not is_running(started):
-            raise LifecycleError(f"{started.name} exited during start-up (log {started.log}):\n{_tail(started.log)}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise LifecycleError(f"{started.name} did not answer {url} within {timeout_s:.0f}s (log {started.log})")
+    def exited() -> str | None:
+        if is_running(started):
+            return None
+        return f"{started.name} exited during start-up (log {started.log}):\n{_tail(started.log)}"
+
+    wait_until_ok(lambda: httpx.get(url, timeout=2), exited, timeout_s,
+                  f"{started.name} did not answer {url} within {timeout_s:.0f}s (log {started.log})")
 
 
 def stop_process(started: Started, grace_s: float = 15.0) -> bool:

@@ -36,6 +36,7 @@ from pydantic import BaseModel
 from infra_blocks import ServingTarget
 from lifecycle.errors import LifecycleError
 from lifecycle.features import FeatureSchema
+from lifecycle.processes import wait_until_ok
 from serving.config import ServingConfig
 from serving.model import SCHEMA_FILE
 from tasks.docker_images import (
@@ -252,21 +253,16 @@ def backend_address(container: Any) -> tuple[str, str]:
 
 def wait_backend(container: Any, url: str, timeout_s: float) -> None:
     """Poll `/health` until 200; fail early when the container exits."""
-    deadline = time.monotonic() + timeout_s
+
+    def exited() -> str | None:
+        container.reload()
+        if container.status not in ("exited", "dead"):
+            return None
+        return f"container exited (status {container.attrs['State'].get('ExitCode')}) before becoming healthy"
+
     with httpx.Client(base_url=url, timeout=2.0) as http:
-        while True:
-            container.reload()
-            if container.status in ("exited", "dead"):
-                code = container.attrs["State"].get("ExitCode")
-                raise LifecycleError(f"container exited (status {code}) before becoming healthy")
-            try:
-                if http.get("/health").status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise LifecycleError(f"container not healthy after {timeout_s:.0f} s")
-            time.sleep(0.2)
+        wait_until_ok(lambda: http.get("/health"), exited, timeout_s,
+                      f"container not healthy after {timeout_s:.0f} s", interval_s=0.2)
 
 
 def _server(container: Any, target: ServingTarget) -> DockerServer:

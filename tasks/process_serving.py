@@ -30,6 +30,7 @@ from pydantic import BaseModel, Field
 
 from infra_blocks import ServingTarget
 from lifecycle.errors import LifecycleError
+from lifecycle.processes import wait_until_ok
 from lifecycle.records import utcnow
 from serving.config import ServingConfig
 from tasks.serving import CONFIG_FILE, PROJECT_ROOT, base_url, http_client, smoke_test
@@ -136,20 +137,10 @@ def start_server(snapshot: Path) -> int:
 
 def wait_healthy(config: ServingConfig, pid: int, timeout_s: float) -> None:
     """Poll /health until 200; fail early if the process exits."""
-    deadline = time.monotonic() + timeout_s
     with http_client(config, timeout=2.0) as client:
-        while True:
-            if not _alive(pid):
-                raise LifecycleError("server exited before becoming healthy")
-            try:
-                if client.get("/health").status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise LifecycleError(f"server not healthy after {timeout_s:.0f} s")
-            time.sleep(0.1)
-
+        wait_until_ok(lambda: client.get("/health"),
+                      lambda: None if _alive(pid) else "server exited before becoming healthy",
+                      timeout_s, f"server not healthy after {timeout_s:.0f} s", interval_s=0.1)
 
 
 def launch(snapshot: Path, timeout_s: float) -> RunningServer:
