@@ -19,6 +19,9 @@ dataset never overlap, and the second finds the first one's records instead of r
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from prefect import flow, tags
 
 from flows.deploy import deploy
@@ -43,12 +46,20 @@ def _dataset_of(store, record_id: str) -> DatasetVersion:
     return load_record(store, DatasetVersion, record_id)
 
 
+@contextmanager
+def _stage_work(dataset: str) -> Iterator[None]:
+    """Where an entry flow calls its stages: holding the dataset's lock (no overlapping work on one
+    dataset), the stage subflows sending no heartbeat of their own (this flow run keeps its)."""
+    with dataset_lock(dataset), without_subflow_heartbeat():
+        yield
+
+
 @flow(name="lifecycle", log_prints=True)
 def lifecycle_deployment(spec: DatasetSpec, profile: ProfileName | None = None) -> LifecycleResult:
     """The whole lifecycle for one dataset spec (the nightly schedule and the UI's form start this)."""
     _, targets = targets_for(profile)
     save_spec_version(targets.store, spec)
-    with dataset_lock(spec.name), without_subflow_heartbeat():
+    with _stage_work(spec.name):
         return run_lifecycle(spec, targets)
 
 
@@ -59,7 +70,7 @@ def ingest_validate(dataset: DatasetName, uri: ObjectUri, profile: ProfileName |
     store = targets.store
     spec = registered_spec(store, dataset, source=uri)
     save_spec_version(store, spec)
-    with tags(CHAIN_TAG), dataset_lock(dataset), without_subflow_heartbeat():
+    with tags(CHAIN_TAG), _stage_work(dataset):
         version = ingest(spec, store)
         return validate(spec, version, store)
 
@@ -72,7 +83,7 @@ def build(validation: RecordId, profile: ProfileName | None = None) -> ModelVers
     report = load_record(store, ValidationReport, validation)
     version = _dataset_of(store, report.dataset_version)
     spec = spec_for(store, version)
-    with tags(CHAIN_TAG), dataset_lock(spec.name), without_subflow_heartbeat():
+    with tags(CHAIN_TAG), _stage_work(spec.name):
         embeddings = None
         if spec.text_column:
             embeddings = embed(spec, version, report, store, targets.compute)
@@ -88,7 +99,7 @@ def ingest_entry(dataset: DatasetName, source: str | None = None, profile: Profi
     _, targets = targets_for(profile)
     spec = registered_spec(targets.store, dataset, source=source)
     save_spec_version(targets.store, spec)
-    with dataset_lock(dataset), without_subflow_heartbeat():
+    with _stage_work(dataset):
         return ingest(spec, targets.store)
 
 
@@ -96,7 +107,7 @@ def ingest_entry(dataset: DatasetName, source: str | None = None, profile: Profi
 def validate_entry(dataset_version: RecordId, profile: ProfileName | None = None) -> ValidationReport:
     _, targets = targets_for(profile)
     version = _dataset_of(targets.store, dataset_version)
-    with dataset_lock(version.dataset), without_subflow_heartbeat():
+    with _stage_work(version.dataset):
         return validate(spec_for(targets.store, version), version, targets.store)
 
 
@@ -105,7 +116,7 @@ def embed_entry(validation: RecordId, profile: ProfileName | None = None) -> Emb
     _, targets = targets_for(profile)
     report = load_record(targets.store, ValidationReport, validation)
     version = _dataset_of(targets.store, report.dataset_version)
-    with dataset_lock(version.dataset), without_subflow_heartbeat():
+    with _stage_work(version.dataset):
         return embed(spec_for(targets.store, version), version, report, targets.store, targets.compute)
 
 
@@ -114,7 +125,7 @@ def index_entry(embeddings: RecordId, profile: ProfileName | None = None) -> Ind
     _, targets = targets_for(profile)
     emb = load_record(targets.store, EmbeddingSet, embeddings)
     version = _dataset_of(targets.store, emb.dataset_version)
-    with dataset_lock(version.dataset), without_subflow_heartbeat():
+    with _stage_work(version.dataset):
         return index(spec_for(targets.store, version), emb, targets.store, targets.vectors)
 
 
@@ -137,7 +148,7 @@ def train_entry(validation: RecordId, embeddings: RecordId | None = None,
         emb = find_record(store, EmbeddingSet, embedding_set_id(spec, version))
         if emb is None:
             raise LifecycleError(f"dataset version {version.id}: no embedding set yet; run stage-embed first")
-    with dataset_lock(version.dataset), without_subflow_heartbeat():
+    with _stage_work(version.dataset):
         return train(spec, version, report, store, targets.compute, targets.mlflow, emb)
 
 
@@ -146,7 +157,7 @@ def register_entry(trained: RecordId, profile: ProfileName | None = None) -> Mod
     _, targets = targets_for(profile)
     model = load_record(targets.store, TrainedModel, trained)
     version = _dataset_of(targets.store, model.dataset_version)
-    with dataset_lock(version.dataset), without_subflow_heartbeat():
+    with _stage_work(version.dataset):
         return register(spec_for(targets.store, version), model, targets.store, targets.mlflow)
 
 
@@ -164,5 +175,5 @@ def deploy_entry(model_version: RecordId, index: RecordId | None = None,
         index_version = load_record(store, IndexVersion, index)
     else:
         index_version = latest_record(store, IndexVersion, spec.name) if spec.text_column else None
-    with dataset_lock(spec.name), without_subflow_heartbeat():
+    with _stage_work(spec.name):
         return deploy(spec, model, index_version, store, targets.mlflow, targets.vectors, targets.serving)
