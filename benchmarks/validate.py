@@ -11,12 +11,12 @@ above 1M rows are 1M generated rows tiled with fresh ids.
   must name the same failed (expectation, column) pairs, so the two sides check the same things.
 
 Best of `--repeat` for each side, the sides interleaved so that they share the machine's noise.
-`--before` adds the GX side as it ran before GX's whole-frame fingerprint was skipped
-(`tasks.validation._no_frame_fingerprint`), in the same run; `--full-frame` adds it as it ran before
-string columns that only shape checks read reached GX as their null pattern
-(`tasks.validation.shape_only_view`).
+`--without NAME ...` adds, in the same run, the GX side with one of `validate_frame`'s speedups turned
+off (`tasks.validation.ALL_SPEEDUPS`: `shape_only` — string columns only shape checks read reach GX as
+their null pattern; `fingerprint` — GX's whole-frame hash skipped; `narrow` — column checks get their
+own column, not the whole frame; `templates` — Data Docs templates compiled once; `all` — none of them).
 
-    python -m benchmarks.validate [--rows 1000000 10000000] [--repeat 3] [--before] [--full-frame]
+    python -m benchmarks.validate [--rows 1000000 10000000] [--repeat 3] [--without narrow templates ...]
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import argparse
 import os
 import tempfile
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import pandas as pd
@@ -164,15 +163,24 @@ def interleaved_best(repeat: int, sides: dict) -> dict[str, float]:
     return best
 
 
+WITHOUT = {
+    "all": "GX as it comes",
+    "shape_only": "GX given the text's values",
+    "fingerprint": "GX fingerprints the frame",
+    "narrow": "column checks given the whole frame",
+    "templates": "Data Docs templates compiled per view",
+}
+
+
 def main() -> None:
+    from tasks.validation import ALL_SPEEDUPS, validate_frame
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="*", default=[1_000_000, 10_000_000])
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--before", action="store_true", help="Also time GX with its frame fingerprint on.")
-    parser.add_argument("--full-frame", action="store_true", help="Also time GX given every column's values.")
+    parser.add_argument("--without", nargs="*", default=[], choices=sorted(WITHOUT),
+                        help="Also time GX with this speedup off (all: with none of them).")
     args = parser.parse_args()
-    import tasks.validation
-    from tasks.validation import validate_frame
 
     spec = tickets_spec()
     check_same_rules(spec)
@@ -181,44 +189,27 @@ def main() -> None:
         frame = tickets(rows, spec)
         print(f"{rows} rows: frame ready in {time.perf_counter() - t0:.0f} s", flush=True)
 
-        def gx() -> None:
+        def gx(speedups=ALL_SPEEDUPS) -> None:
             with tempfile.TemporaryDirectory(prefix="gx-docs-") as docs:
-                ok, _, failed = validate_frame(frame, spec, f"tickets@bench-{rows}", docs)
+                ok, _, failed = validate_frame(frame, spec, f"tickets@bench-{rows}", docs, speedups=speedups)
             assert ok and not failed
-
-        def gx_before() -> None:
-            skip = tasks.validation._no_frame_fingerprint
-            tasks.validation._no_frame_fingerprint = nullcontext
-            try:
-                gx()
-            finally:
-                tasks.validation._no_frame_fingerprint = skip
-
-        def gx_full_frame() -> None:
-            view = tasks.validation.shape_only_view
-            tasks.validation.shape_only_view = lambda frame, _expectations: frame
-            try:
-                gx()
-            finally:
-                tasks.validation.shape_only_view = view
 
         def hand() -> None:
             assert pandas_checks(frame, spec) == []
 
-        sides = {"pandas": hand, "gx": gx, **({"gx_before": gx_before} if args.before else {}),
-                 **({"gx_full_frame": gx_full_frame} if args.full_frame else {})}
+        sides = {"pandas": hand, "gx": gx}
+        for off in args.without:
+            rest = () if off == "all" else tuple(s for s in ALL_SPEEDUPS if s != off)
+            sides[f"gx_without_{off}"] = lambda rest=rest: gx(rest)
         best = interleaved_best(args.repeat, sides)
         tag = f"{rows // 1_000_000}M rows" if rows >= 1_000_000 else f"{rows} rows"
         baseline = "hand-written vectorised pandas checks of the same rules"
         record(f"validate.pandas_checks ({tag})", rows / best["pandas"], "rows/s")
         record(f"validate.gx_suite ({tag})", rows / best["gx"], "rows/s", baseline=baseline,
                baseline_value=rows / best["pandas"], goal=">= 0.5x")
-        if args.before:
-            record(f"validate.gx_suite ({tag}, before: GX fingerprints the frame)", rows / best["gx_before"], "rows/s",
+        for off in args.without:
+            record(f"validate.gx_suite ({tag}, before: {WITHOUT[off]})", rows / best[f"gx_without_{off}"], "rows/s",
                    baseline=baseline, baseline_value=rows / best["pandas"], goal=">= 0.5x")
-        if args.full_frame:
-            record(f"validate.gx_suite ({tag}, before: GX given the text's values)", rows / best["gx_full_frame"],
-                   "rows/s", baseline=baseline, baseline_value=rows / best["pandas"], goal=">= 0.5x")
         print("  " + "  ".join(f"{name} {t:.2f}s" for name, t in best.items()), flush=True)
         del frame
 

@@ -18,8 +18,7 @@ import math
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -27,6 +26,7 @@ from prefect import task
 
 from infra_blocks import ObjectStore
 from lifecycle.errors import QuarantinedError
+from lifecycle.gx_speedups import SPEEDUPS, gx_speedups
 from lifecycle.records import DatasetVersion, FailedExpectation, ValidationReport, code_version, stable_hash
 from lifecycle.spec import DatasetSpec, Task
 from tasks.policies import retry_unless_user_error
@@ -176,24 +176,6 @@ def summarize(results: list[Any]) -> list[FailedExpectation]:
     return failed
 
 
-@contextmanager
-def _no_frame_fingerprint() -> Iterator[None]:
-    """Skip GX's batch fingerprint for the duration of one run.
-
-    GX's pandas engine hashes every frame under 1 GB in full (`hash_pandas_object`, ~0.7 s per 1M rows
-    here, as much as all expectations together) only to label the batch. The dataset version id already
-    is a content hash of these rows, so the fingerprint adds nothing but time.
-    """
-    import great_expectations.execution_engine.pandas_execution_engine as engine
-
-    previous = engine.HASH_THRESHOLD
-    engine.HASH_THRESHOLD = 0
-    try:
-        yield
-    finally:
-        engine.HASH_THRESHOLD = previous
-
-
 # Expectations that read a column's dtype and null pattern only, never its values.
 SHAPE_ONLY = frozenset({"expect_column_to_exist", "expect_column_values_to_be_of_type",
                         "expect_column_values_to_be_in_type_list", "expect_column_values_to_not_be_null"})
@@ -203,10 +185,10 @@ def shape_only_view(frame: pd.DataFrame, expectations: list[Expectation]) -> pd.
     """The frame GX is given: string columns that no expectation reads the values of become their null
     pattern (empty strings where there is a value, nulls where there is none, same dtype).
 
-    Why: GX's pandas engine filters the *whole* frame for each column-map expectation
-    (`df[df[col].notnull()]`), copying every column each time; a free-text column is most of those
-    bytes (4.5 of 6.6 s at 10M sample rows). A column checked only for existence, type and nulls gives
-    the same results, counts and Data Docs from its null pattern; building that costs ~0.2 s per 10M.
+    Why: GX's map checks filter their frame by the column's nulls (`df[df[col].notnull()]`), copying
+    the column's values each time, and a free-text column is most of a frame's bytes. A column checked
+    only for existence, type and nulls gives the same results, counts and Data Docs from its null
+    pattern, which costs ~0.2 s per 10M rows to build and next to nothing to copy.
     """
     reads_values = {getattr(e, "column", None) for e in expectations if e.expectation_type not in SHAPE_ONLY}
     light = [c for c in frame.columns if c not in reads_values and isinstance(frame[c].dtype, pd.StringDtype)]
@@ -216,8 +198,16 @@ def shape_only_view(frame: pd.DataFrame, expectations: list[Expectation]) -> pd.
                            for c in light})
 
 
-def validate_frame(frame: pd.DataFrame, spec: DatasetSpec, run_name: str, docs_dir: str) -> tuple[bool, int, list[FailedExpectation]]:
+# What validate_frame does to keep GX fast; none changes a result (tests/tasks/test_validation.py).
+ALL_SPEEDUPS = ("shape_only", *SPEEDUPS)
+
+
+def validate_frame(frame: pd.DataFrame, spec: DatasetSpec, run_name: str, docs_dir: str,
+                   speedups: Collection[str] = ALL_SPEEDUPS) -> tuple[bool, int, list[FailedExpectation]]:
     """Run the spec's suite on a frame with an ephemeral GX context; Data Docs go to `docs_dir`.
+
+    `speedups` names the fixes to apply: `shape_only` (`shape_only_view`) and those of
+    `lifecycle.gx_speedups`. All by default; the validate benchmark turns them off to measure each.
 
     Returns:
         (success, number of expectations evaluated, failed expectations).
@@ -243,8 +233,9 @@ def validate_frame(frame: pd.DataFrame, spec: DatasetSpec, run_name: str, docs_d
         actions=[gx.checkpoint.UpdateDataDocsAction(name="data-docs", site_names=["lifecycle"])],
         result_format={"result_format": "SUMMARY", "partial_unexpected_count": 20},
     ))
-    with _no_frame_fingerprint():
-        result = checkpoint.run(batch_parameters={"dataframe": shape_only_view(frame, suite.expectations)},
+    view = shape_only_view(frame, suite.expectations) if "shape_only" in speedups else frame
+    with gx_speedups([n for n in speedups if n in SPEEDUPS]):
+        result = checkpoint.run(batch_parameters={"dataframe": view},
                                 run_id=RunIdentifier(run_name=run_name))
     (suite_result,) = result.run_results.values()
     rank = {e.id: i for i, e in enumerate(suite.expectations)}  # report in suite order, not GX's

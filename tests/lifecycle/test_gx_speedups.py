@@ -1,0 +1,62 @@
+"""The GX speedups change no result: a frame with every kind of bad row gives the same verdict, count and
+failure details with and without them, the same Data Docs pages, and GX is left as it was found."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from lifecycle.gx_speedups import SPEEDUPS, gx_speedups
+from lifecycle.sample import SAMPLE_SPEC, generate_tickets
+from lifecycle.spec import parse_spec
+
+
+def bad_frame():
+    frame = generate_tickets(800, seed=11)
+    frame["ticket_id"] = frame["ticket_id"].astype("Int64")
+    for col in ("category", "channel", "plan", "text"):
+        frame[col] = frame[col].astype("str")
+    frame.loc[[10, 20, 30], "sentiment"] = [5.0, -3.5, 7.25]
+    frame.loc[40, "ticket_id"] = None
+    frame.loc[51, "ticket_id"] = frame.loc[50, "ticket_id"]
+    frame.loc[60, "category"] = "spam"
+    frame.loc[np.arange(0, 800, 9), "text"] = None  # 11 % nulls: over the 5 % allowed
+    frame.loc[np.arange(1, 800, 15), "account_age_days"] = np.nan
+    return frame
+
+
+def pages(root):
+    """The Data Docs pages written, run timestamps masked."""
+    return sorted(re.sub(r"\d{8}T\d{6}\.\d+Z", "<run time>", p.relative_to(root).as_posix()) for p in root.rglob("*.html"))
+
+
+@pytest.mark.parametrize("off", ["all", *SPEEDUPS, "shape_only"])
+def test_results_and_docs_are_those_of_gx_unpatched(tmp_path, off):
+    from tasks.validation import ALL_SPEEDUPS, validate_frame
+
+    spec = parse_spec({**SAMPLE_SPEC, "source": "tickets.csv",
+                       "expectations": {**SAMPLE_SPEC["expectations"], "max_null_fraction": 0.05}})
+    frame = bad_frame()
+    fast = validate_frame(frame, spec, "tickets@fast", str(tmp_path / "fast"))
+    rest = () if off == "all" else [s for s in ALL_SPEEDUPS if s != off]
+    slow = validate_frame(frame, spec, "tickets@fast", str(tmp_path / "slow"), speedups=rest)
+    assert not fast[0] and len(fast[2]) >= 5
+    assert fast == slow
+    assert pages(tmp_path / "fast") == pages(tmp_path / "slow")
+
+
+def test_gx_is_restored_after_a_run_and_after_an_error():
+    import great_expectations.execution_engine.pandas_execution_engine as engine
+    from great_expectations.render.view.view import DefaultJinjaView
+
+    before = (engine.HASH_THRESHOLD, engine.PandasExecutionEngine.get_domain_records, DefaultJinjaView.__init__)
+    with gx_speedups():
+        assert engine.HASH_THRESHOLD == 0
+        assert engine.PandasExecutionEngine.get_domain_records is not before[1]
+    with pytest.raises(RuntimeError), gx_speedups():
+        raise RuntimeError("boom")
+    assert (engine.HASH_THRESHOLD, engine.PandasExecutionEngine.get_domain_records, DefaultJinjaView.__init__) == before
+    with pytest.raises(ValueError, match="unknown GX speedup"), gx_speedups(["nope"]):
+        pass
