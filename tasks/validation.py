@@ -194,8 +194,30 @@ def shape_only_view(frame: pd.DataFrame, expectations: list[Expectation]) -> pd.
     light = [c for c in frame.columns if c not in reads_values and isinstance(frame[c].dtype, pd.StringDtype)]
     if not light:
         return frame
-    return frame.assign(**{c: pd.Series("", index=frame.index, dtype=frame[c].dtype).where(frame[c].notna())
-                           for c in light})
+    return frame.assign(**{c: null_pattern(frame[c]) for c in light})
+
+
+def null_pattern(column: pd.Series) -> pd.Series:
+    """Empty strings where a string column has a value, nulls where it has none; same dtype and index.
+
+    Arrow-backed columns (pandas' `str`) get it from their own validity bitmaps and one zeroed offsets
+    buffer, no per-row work: building it value by value cost 0.2 s per column at 10M rows.
+    """
+    if getattr(column.dtype, "storage", None) != "pyarrow":
+        return pd.Series("", index=column.index, dtype=column.dtype).where(column.notna())
+    import numpy as np
+    import pyarrow as pa
+
+    def empty(chunk: pa.Array) -> pa.Array:
+        width = np.int64 if pa.types.is_large_string(chunk.type) else np.int32
+        offsets = pa.py_buffer(np.zeros(chunk.offset + len(chunk) + 1, dtype=width))
+        return pa.Array.from_buffers(chunk.type, len(chunk), [chunk.buffers()[0], offsets, pa.py_buffer(b"")],
+                                     null_count=chunk.null_count, offset=chunk.offset)
+
+    arrow = column.array.__arrow_array__()
+    chunks = arrow.chunks if isinstance(arrow, pa.ChunkedArray) else [arrow]
+    pattern = pa.chunked_array([empty(c) for c in chunks], type=arrow.type)
+    return pd.Series(type(column.array)(pattern), index=column.index, dtype=column.dtype, name=column.name)
 
 
 # What validate_frame does to keep GX fast; none changes a result (tests/tasks/test_validation.py).

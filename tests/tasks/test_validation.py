@@ -191,3 +191,16 @@ def test_gx_gets_only_the_null_pattern_of_columns_whose_values_no_expectation_re
     by_column = {(f.expectation, f.column): f.detail for f in failed}
     assert by_column[("expect_column_values_to_not_be_null", "text")].startswith("40 rows unexpected (10%")
     assert "'spam'" in by_column[("expect_column_values_to_be_in_set", "category")]
+
+
+@pytest.mark.parametrize("dtype", ["str", "string", object])
+def test_null_pattern_keeps_nulls_dtype_and_index_of_sliced_and_chunked_columns(dtype):
+    from tasks.validation import null_pattern
+
+    values = pd.Series(["a", None, "bb", "ccc", None, "d"] * 4, dtype=dtype)
+    no_nulls = pd.Series(["x", "yy", "zzz"] * 3, dtype=dtype)
+    for column in (values, values.iloc[3:17], pd.concat([values, values.iloc[5:]]), no_nulls.iloc[2:]):
+        pattern = null_pattern(column)
+        assert pattern.dtype == column.dtype and pattern.index.equals(column.index)
+        assert pattern.isna().tolist() == column.isna().tolist()
+        assert set(pattern.dropna()) <= {""}
