@@ -253,7 +253,10 @@ def validate_frame(frame: pd.DataFrame, spec: DatasetSpec, run_name: str, docs_d
     checkpoint = context.checkpoints.add(gx.Checkpoint(
         name=f"{spec.name}-gate", validation_definitions=[definition],
         actions=[gx.checkpoint.UpdateDataDocsAction(name="data-docs", site_names=["lifecycle"])],
-        result_format={"result_format": "SUMMARY", "partial_unexpected_count": 20},
+        result_format={"result_format": "SUMMARY", "partial_unexpected_count": 20,
+                       # The pandas query string of every unexpected row: nothing reads it, and building
+                       # it filters the column once more per check (0.1-0.2 s at 10M rows).
+                       "return_unexpected_index_query": False},
     ))
     view = shape_only_view(frame, suite.expectations) if "shape_only" in speedups else frame
     with gx_speedups([n for n in speedups if n in SPEEDUPS]):
