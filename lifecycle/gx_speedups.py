@@ -3,22 +3,25 @@
 Why this exists: on the validate stage's frames GX spent most of its time on work that no result reads
 (measured at 10M sample rows, 2 cores): hashing the whole frame only to label the batch, copying every
 column for every column check, and compiling Data Docs' Jinja templates again for each page. Each fix
-is a context manager that patches one GX attribute for the duration of one run and restores it after,
-so nothing leaks into other GX users in the process; `tests/tasks/test_validation.py` checks that
-results and failure details are those of GX unpatched.
+patches one GX attribute while at least one run needs it (runs may overlap in threads: the first in
+installs it, the last out restores it), so nothing leaks into other GX users in the process;
+`tests/lifecycle/test_gx_speedups.py` checks that results and Data Docs are those of GX unpatched.
 
 GX is imported inside the functions: it costs seconds to import.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Collection, Iterator
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import Any
 
 
-@contextmanager
-def frame_fingerprint_skipped() -> Iterator[None]:
+Undo = Callable[[], None]
+
+
+def frame_fingerprint_skipped() -> Undo:
     """Skip GX's batch fingerprint.
 
     GX's pandas engine hashes every frame under 1 GB in full (`hash_pandas_object`, ~0.7 s per 1M rows
@@ -29,14 +32,14 @@ def frame_fingerprint_skipped() -> Iterator[None]:
 
     previous = engine.HASH_THRESHOLD
     engine.HASH_THRESHOLD = 0
-    try:
-        yield
-    finally:
+
+    def undo() -> None:
         engine.HASH_THRESHOLD = previous
 
+    return undo
 
-@contextmanager
-def column_domains_narrowed() -> Iterator[None]:
+
+def column_domains_narrowed() -> Undo:
     """Give each single-column metric a frame of its own column only.
 
     GX hands every column metric the whole batch, and its map metrics then filter that batch
@@ -57,17 +60,17 @@ def column_domains_narrowed() -> Iterator[None]:
         return data
 
     PandasExecutionEngine.get_domain_records = get_domain_records  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
+
+    def undo() -> None:
         PandasExecutionEngine.get_domain_records = original  # type: ignore[method-assign]
+
+    return undo
 
 
 _template_code: dict[str, bytes] = {}
 
 
-@contextmanager
-def templates_compiled_once() -> Iterator[None]:
+def templates_compiled_once() -> Undo:
     """Compile Data Docs' Jinja templates once per process instead of once per rendered view.
 
     Every GX view builds its own Jinja environment, so each Data Docs build parses and compiles the
@@ -94,27 +97,40 @@ def templates_compiled_once() -> Iterator[None]:
         self.env.bytecode_cache = cache
 
     DefaultJinjaView.__init__ = __init__  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
+
+    def undo() -> None:
         DefaultJinjaView.__init__ = original  # type: ignore[method-assign]
 
+    return undo
 
-SPEEDUPS: dict[str, Callable[[], AbstractContextManager[None]]] = {
+
+SPEEDUPS: dict[str, Callable[[], Undo]] = {
     "fingerprint": frame_fingerprint_skipped,
     "narrow": column_domains_narrowed,
     "templates": templates_compiled_once,
 }
+_lock = threading.Lock()
+_users: dict[str, int] = {}
+_undo: dict[str, Undo] = {}
 
 
 @contextmanager
 def gx_speedups(names: Collection[str] = tuple(SPEEDUPS)) -> Iterator[None]:
-    """The named fixes (default: all), for one GX run."""
+    """The named fixes (default: all), installed for as long as any run inside this block needs them."""
     unknown = set(names) - set(SPEEDUPS)
     if unknown:
         raise ValueError(f"unknown GX speedup(s): {', '.join(sorted(unknown))}")
-    with ExitStack() as stack:
-        for name in SPEEDUPS:
-            if name in names:
-                stack.enter_context(SPEEDUPS[name]())
+    wanted = [n for n in SPEEDUPS if n in names]
+    with _lock:
+        for name in wanted:
+            if not _users.get(name):
+                _undo[name] = SPEEDUPS[name]()
+            _users[name] = _users.get(name, 0) + 1
+    try:
         yield
+    finally:
+        with _lock:
+            for name in reversed(wanted):
+                _users[name] -= 1
+                if not _users[name]:
+                    _undo.pop(name)()

@@ -60,3 +60,34 @@ def test_gx_is_restored_after_a_run_and_after_an_error():
     assert (engine.HASH_THRESHOLD, engine.PandasExecutionEngine.get_domain_records, DefaultJinjaView.__init__) == before
     with pytest.raises(ValueError, match="unknown GX speedup"), gx_speedups(["nope"]):
         pass
+
+
+def test_overlapping_runs_keep_the_fixes_until_the_last_one_ends():
+    """Two validations overlapping in threads: the first out must not unpatch GX under the second."""
+    import great_expectations.execution_engine.pandas_execution_engine as engine
+
+    original = engine.PandasExecutionEngine.get_domain_records
+    first, second = gx_speedups(), gx_speedups(["narrow"])
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert engine.PandasExecutionEngine.get_domain_records is not original
+    assert engine.HASH_THRESHOLD != 0  # only `second`'s fix is still needed
+    second.__exit__(None, None, None)
+    assert engine.PandasExecutionEngine.get_domain_records is original
+
+
+def test_concurrent_validations_give_each_its_own_results(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tasks.validation import validate_frame
+
+    spec = parse_spec({**SAMPLE_SPEC, "source": "tickets.csv"})
+    good, bad = generate_tickets(300, seed=3), bad_frame()
+    for frame in (good, bad):
+        frame["ticket_id"] = frame["ticket_id"].astype("Int64")
+    alone = [validate_frame(f, spec, f"tickets@{i}", str(tmp_path / f"a{i}")) for i, f in enumerate((good, bad))]
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(lambda i: validate_frame((good, bad)[i], spec, f"tickets@{i}", str(tmp_path / f"t{i}")),
+                                 range(2)))
+    assert together == alone and alone[0][0] and not alone[1][0]
