@@ -210,16 +210,32 @@ def register_version(spec: DatasetSpec, trained: TrainedModel, store: ObjectStor
         return _register(spec, trained, store, target, record_id, version, name, metric)
 
 
+def _create_version(client: Any, name: str, trained: TrainedModel, tags: dict[str, str]) -> Any:
+    """A new version of `name` (the registered model created if missing) from the trained model.
+
+    The client API rather than `mlflow.register_model`, which prints its progress to stderr straight
+    through the CLI's progress display; the version is the same (source, run and logged model id).
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    uri = trained.model_uri
+    model_id = uri.removeprefix("models:/") if uri.startswith("models:/") and "/" not in uri[8:] else None
+    return client.create_model_version(name, source=uri, run_id=trained.run_id, tags=tags, model_id=model_id)
+
+
 def _register(spec: DatasetSpec, trained: TrainedModel, store: ObjectStore, target: MlflowTarget, record_id: str,
               version: str, name: str, metric: str) -> ModelVersion:
-    import mlflow
-
     client = target.client()
     tags = {f"{TAG}dataset_version": trained.dataset_version, f"{TAG}run_id": trained.run_id,
             f"{TAG}trained_model": trained.id, f"{TAG}embedding_set": trained.embedding_set or ""}
     mv = _find_version(client, name, trained)
     if mv is None:
-        mv = mlflow.register_model(trained.model_uri, name, tags=tags)
+        mv = _create_version(client, name, trained, tags)
     client.set_registered_model_alias(name, CHALLENGER, mv.version)
     challenger = float(trained.metrics[metric])
     current = champion_version(client, name)

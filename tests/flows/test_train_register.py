@@ -104,6 +104,14 @@ def test_worse_model_stays_challenger_with_the_decision_recorded(scenario, world
     assert load_record(world["store"], ModelVersion, third.id) == third
 
 
+def test_versions_point_at_their_logged_model_and_run(scenario, world):
+    """Registered through the client API: each version names the run and logged model it came from."""
+    client = world["mlflow"].client()
+    for _, trained, registered in scenario["steps"].values():
+        mv = client.get_model_version("tickets", registered.version)
+        assert mv.source == trained.model_uri and mv.run_id == trained.run_id
+
+
 def test_promotions_are_announced(scenario):
     promoted = [e for e in scenario["events"] if e.event == "lifecycle.model.promoted"]
     ids = [e.resource.id for e in promoted]
