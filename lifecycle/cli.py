@@ -54,6 +54,23 @@ def _prepare_env(verbose: bool = False) -> None:
         os.environ.setdefault(key, value)
 
 
+def _use_running_server() -> None:
+    """Point this run at the Prefect server of `lifecycle up`, when one answers; before Prefect is imported.
+
+    The chain's event triggers match only runs tagged `lifecycle-chain`, so a run recorded there never
+    starts a second chain on that server's worker.
+    """
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    from lifecycle.cli_server import running_api_url
+    from lifecycle.profiles import lifecycle_home
+
+    url = running_api_url(lifecycle_home())
+    if url:
+        os.environ["PREFECT_API_URL"] = url
+        console.print(f"[dim]Prefect: recording this run on {url.removesuffix('/api')} (lifecycle up)[/]")
+
+
 def _fail(exc: Exception) -> None:
     err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=1)
@@ -93,8 +110,13 @@ def run(
     rows: int = typer.Option(5000, help="Rows of the bundled sample (ignored with --spec)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Prefect's logs on the console."),
 ) -> None:
-    """Run the whole lifecycle and leave the model answering on 127.0.0.1."""
+    """Run the whole lifecycle and leave the model answering on 127.0.0.1.
+
+    With `lifecycle up` running (and PREFECT_API_URL unset), the run is recorded on its Prefect server
+    and shows in its UI; otherwise Prefect starts a temporary server for this run (~5 s more).
+    """
     _prepare_env(verbose)
+    _use_running_server()
     try:
         from flows.lifecycle import lifecycle_with_targets
         from lifecycle import progress

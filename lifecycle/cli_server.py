@@ -164,6 +164,21 @@ def api_url_from_state() -> str | None:
     return state.prefect_url if state else None
 
 
+def running_api_url(home: Path, timeout_s: float = 2.0) -> str | None:
+    """The API of the Prefect server `lifecycle up` started under `home`, if it is up and answering."""
+    import httpx
+
+    state = read_state(home)
+    servers = [p for p in state.processes if p.name == "prefect-server"] if state else []
+    if not servers or not all(is_running(p) for p in servers):
+        return None
+    try:
+        answered = httpx.get(f"{state.prefect_url}/health", timeout=timeout_s).status_code == 200
+    except httpx.HTTPError:
+        return None
+    return state.prefect_url if answered else None
+
+
 def stop_started(home: Path) -> list[str]:
     """Stop every process `up` recorded under `home`, last started first; returns the names stopped."""
     state = read_state(home)
