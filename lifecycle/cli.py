@@ -63,7 +63,7 @@ def _use_running_server() -> None:
     if os.environ.get("PREFECT_API_URL"):
         return
     from lifecycle.cli_server import running_api_url
-    from lifecycle.profiles import lifecycle_home
+    from lifecycle.home import lifecycle_home
 
     url = running_api_url(lifecycle_home())
     if url:
@@ -77,7 +77,7 @@ def _fail(exc: Exception) -> None:
 
 
 def _default_spec(rows: int) -> Path:
-    from lifecycle.profiles import lifecycle_home
+    from lifecycle.home import lifecycle_home
     from lifecycle.sample import write_sample
 
     return write_sample(lifecycle_home() / "sample", rows=rows)[1]
@@ -179,7 +179,7 @@ def _write_example_request(result, store) -> str:
     returns its path as the query hint shows it (relative when it is below the current folder)."""
     import json
 
-    from lifecycle.profiles import lifecycle_home
+    from lifecycle.home import lifecycle_home
 
     path = (lifecycle_home() / "sample" / "request.json").resolve()
     try:
@@ -326,7 +326,7 @@ def down(profile: str = typer.Option("local")) -> None:
     """Stop the serving process this profile started, and what `lifecycle up` started (by recorded PIDs)."""
     _prepare_env()
     from lifecycle.cli_server import stop_started
-    from lifecycle.profiles import lifecycle_home
+    from lifecycle.home import lifecycle_home
 
     for name in stop_started(lifecycle_home()):  # what `lifecycle up` started, even if the profile is broken
         console.print(f"stopped {name}")

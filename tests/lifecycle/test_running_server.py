@@ -39,3 +39,13 @@ def test_a_live_server_is_used_and_a_stopped_or_missing_one_is_not(tmp_path):
         stop_process(server, grace_s=5)
     (site / "api" / "health").write_text("true")
     assert running_api_url(tmp_path) is None  # recorded, but stopped
+
+
+def test_choosing_the_server_imports_no_prefect():
+    """Prefect reads its settings once, at import: the choice must be made before anything imports it."""
+    import subprocess
+
+    code = ("import sys, lifecycle.cli, lifecycle.cli_server, lifecycle.home; "
+            "lifecycle.cli_server.running_api_url(lifecycle.home.lifecycle_home()); "
+            "assert 'prefect' not in sys.modules, 'prefect imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
