@@ -14,6 +14,7 @@ Why this shape:
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +30,9 @@ from lifecycle.records import DatasetVersion, ModelVersion, TrainedModel, stable
 from lifecycle.spec import DatasetSpec, Task
 from tasks.records import load_record
 from tasks.training import holdout_metrics, load_holdout
+
+# `models:/<id>` of a model logged in MLflow 3 (what training's log_model returns), not a registry name.
+LOGGED_MODEL_URI = re.compile(r"^models:/(m-[0-9a-f]+)$")
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -214,7 +218,8 @@ def _create_version(client: Any, name: str, trained: TrainedModel, tags: dict[st
     """A new version of `name` (the registered model created if missing) from the trained model.
 
     The client API rather than `mlflow.register_model`, which prints its progress to stderr straight
-    through the CLI's progress display; the version is the same (source, run and logged model id).
+    through the CLI's progress display; the version is the same (source, run, logged model), and the
+    logged model lists it as `mlflow.register_model` would have (`_link_logged_model`).
     """
     from mlflow.exceptions import MlflowException
 
@@ -223,9 +228,34 @@ def _create_version(client: Any, name: str, trained: TrainedModel, tags: dict[st
     except MlflowException as exc:
         if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
             raise
-    uri = trained.model_uri
-    model_id = uri.removeprefix("models:/") if uri.startswith("models:/") and "/" not in uri[8:] else None
-    return client.create_model_version(name, source=uri, run_id=trained.run_id, tags=tags, model_id=model_id)
+    logged = LOGGED_MODEL_URI.match(trained.model_uri)
+    model_id = logged.group(1) if logged else None
+    mv = client.create_model_version(name, source=trained.model_uri, run_id=trained.run_id, tags=tags,
+                                     model_id=model_id)
+    if model_id:
+        _link_logged_model(client, model_id, name, mv.version)
+    return mv
+
+
+def _link_logged_model(client: Any, model_id: str, name: str, version: Any) -> None:
+    """List the version on its logged model (tag `mlflow.modelVersions`), which MLflow's UI follows.
+
+    An MLflow server adds the entry itself when a version names its logged model; a database store
+    (the local profile's SQLite) does not. Added only where it is missing, so never twice.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    try:
+        existing = json.loads(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return
+        raise
+    if any(e.get("name") == name and str(e.get("version")) == str(version) for e in existing):
+        return
+    entries = [*existing, {"name": name, "version": version}]
+    client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(entries)})
 
 
 def _register(spec: DatasetSpec, trained: TrainedModel, store: ObjectStore, target: MlflowTarget, record_id: str,

@@ -9,6 +9,7 @@ The last tests move the champion by hand (`lifecycle promote` / `rollback`) on t
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -110,6 +111,9 @@ def test_versions_point_at_their_logged_model_and_run(scenario, world):
     for _, trained, registered in scenario["steps"].values():
         mv = client.get_model_version("tickets", registered.version)
         assert mv.source == trained.model_uri and mv.run_id == trained.run_id
+        listed = json.loads(client.get_logged_model(trained.model_uri.removeprefix("models:/"))
+                            .tags["mlflow.modelVersions"])
+        assert [e for e in listed if e["name"] == "tickets"] == [{"name": "tickets", "version": int(registered.version)}]
 
 
 def test_promotions_are_announced(scenario):

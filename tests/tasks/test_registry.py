@@ -126,3 +126,33 @@ def test_an_unreachable_server_becomes_one_transient_line(monkeypatch):
 ])
 def test_short_reasons(message, reason):
     assert registry.short_reason(RuntimeError(message)) == reason
+
+
+def test_a_version_registered_on_a_database_store_is_listed_on_its_logged_model(tmp_path):
+    """The local profile talks to SQLite directly: no server adds the logged model's link, so we do, once."""
+    import json
+
+    import mlflow
+    import mlflow.pyfunc
+    from mlflow import MlflowClient
+
+    class Echo(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input, params=None):
+            return model_input
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    try:
+        mlflow.set_experiment(experiment_id=mlflow.create_experiment("t", artifact_location=(tmp_path / "a").as_uri()))
+        with mlflow.start_run() as run:
+            info = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"])
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        trained = _trained(run_id=run.info.run_id, model_uri=info.model_uri)
+        first = registry._create_version(client, "tickets", trained, {})
+        second = registry._create_version(client, "tickets", trained, {})
+        registry._link_logged_model(client, info.model_id, "tickets", second.version)  # again: no duplicate
+    finally:
+        mlflow.set_tracking_uri(None)
+    listed = json.loads(client.get_logged_model(info.model_id).tags["mlflow.modelVersions"])
+    assert listed == [{"name": "tickets", "version": int(first.version)},
+                      {"name": "tickets", "version": int(second.version)}]
