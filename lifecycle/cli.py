@@ -54,21 +54,24 @@ def _prepare_env(verbose: bool = False) -> None:
         os.environ.setdefault(key, value)
 
 
-def _use_running_server() -> None:
-    """Point this run at the Prefect server of `lifecycle up`, when one answers; before Prefect is imported.
+def _recorded_on_up_server():
+    """A context that records this run on the Prefect server of `lifecycle up`, when one answers and no
+    other server is configured (PREFECT_API_URL in the environment, even empty, or in Prefect's profile or
+    config); else a no-op, and Prefect decides as it always would.
 
     The chain's event triggers match only runs tagged `lifecycle-chain`, so a run recorded there never
     starts a second chain on that server's worker.
     """
-    if os.environ.get("PREFECT_API_URL"):
-        return
-    from lifecycle.cli_server import running_api_url
+    from contextlib import nullcontext
+
+    from lifecycle.cli_server import api_context, up_server_for_run
     from lifecycle.home import lifecycle_home
 
-    url = running_api_url(lifecycle_home())
-    if url:
-        os.environ["PREFECT_API_URL"] = url
-        console.print(f"[dim]Prefect: recording this run on {url.removesuffix('/api')} (lifecycle up)[/]")
+    url = up_server_for_run(lifecycle_home())
+    if url is None:
+        return nullcontext()
+    console.print(f"[dim]Prefect: recording this run on {url.removesuffix('/api')} (lifecycle up)[/]")
+    return api_context(url)
 
 
 def _fail(exc: Exception) -> None:
@@ -116,7 +119,6 @@ def run(
     and shows in its UI; otherwise Prefect starts a temporary server for this run (~5 s more).
     """
     _prepare_env(verbose)
-    _use_running_server()
     try:
         from flows.lifecycle import lifecycle_with_targets
         from lifecycle import progress
@@ -125,7 +127,7 @@ def run(
 
         dataset_spec = load_spec(spec or _default_spec(rows))
         targets = load_profile(profile)
-        with console.status("starting…") as status:
+        with _recorded_on_up_server(), console.status("starting…") as status:
             restore = progress.set_observer(_RichObserver(status))
             try:
                 result = lifecycle_with_targets(dataset_spec, targets)

@@ -165,10 +165,17 @@ def api_url_from_state() -> str | None:
 
 
 def running_api_url(home: Path, timeout_s: float = 2.0) -> str | None:
-    """The API of the Prefect server `lifecycle up` started under `home`, if it is up and answering."""
+    """The API of the Prefect server `lifecycle up` started under `home`, if it is up and answering.
+
+    A state file that cannot be read (being written by `up` right now, or from another version) counts
+    as no server.
+    """
     import httpx
 
-    state = read_state(home)
+    try:
+        state = read_state(home)
+    except (OSError, ValueError):  # pydantic's ValidationError is a ValueError
+        return None
     servers = [p for p in state.processes if p.name == "prefect-server"] if state else []
     if not servers or not all(is_running(p) for p in servers):
         return None
@@ -177,6 +184,21 @@ def running_api_url(home: Path, timeout_s: float = 2.0) -> str | None:
     except httpx.HTTPError:
         return None
     return state.prefect_url if answered else None
+
+
+def up_server_for_run(home: Path) -> str | None:
+    """Where `lifecycle run` should record its runs: `up`'s server, unless Prefect is told of another one.
+
+    Told means PREFECT_API_URL in the environment (an empty value is Prefect's way to ask for a
+    temporary server) or in the active Prefect profile or config file.
+    """
+    if "PREFECT_API_URL" in os.environ:
+        return None
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return None
+    return running_api_url(home)
 
 
 def stop_started(home: Path) -> list[str]:

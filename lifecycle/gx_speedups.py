@@ -4,8 +4,10 @@ Why this exists: on the validate stage's frames GX spent most of its time on wor
 (measured at 10M sample rows, 2 cores): hashing the whole frame only to label the batch, copying every
 column for every column check, and compiling Data Docs' Jinja templates again for each page. Each fix
 patches one GX attribute while at least one run needs it (runs may overlap in threads: the first in
-installs it, the last out restores it), so nothing leaks into other GX users in the process;
-`tests/lifecycle/test_gx_speedups.py` checks that results and Data Docs are those of GX unpatched.
+installs it, the last out restores it, also when installing another one fails). The column narrowing
+acts only on the threads of the runs that asked for it. `tests/lifecycle/test_gx_speedups.py` checks
+that verdicts, counts and failure details are those of GX unpatched, and that a run on another thread
+keeps whole rows; Data Docs pages are the same but for the batch fingerprint row, no longer computed.
 
 GX is imported inside the functions: it costs seconds to import.
 """
@@ -40,13 +42,18 @@ def frame_fingerprint_skipped() -> Undo:
 
 
 def column_domains_narrowed() -> Undo:
-    """Give each single-column metric a frame of its own column only.
+    """Give each single-column metric a frame of its own column only, in the runs that asked for it.
 
     GX hands every column metric the whole batch, and its map metrics then filter that batch
-    (`df[df[column].notnull()]`), which copies *every* column once per expectation: 0.8 s of
-    `take` on string columns no check reads, at 10M rows. A column-domain metric reads only its column
-    (row conditions are applied before the narrowing, on the whole batch); pandas selects the one
-    column without copying it. Column-pair, multi-column and table domains are left whole.
+    (`df[df[column].notnull()]` for the condition, again for the unexpected index list), copying
+    *every* column each time: 0.8 s of `take` on string columns no check reads, at 10M rows. Row
+    conditions are applied before the narrowing, on the whole batch; column-pair, multi-column and
+    table domains are left whole.
+
+    Only for result formats that read no other column of the row: `validate_frame`'s SUMMARY (no
+    `unexpected_index_column_names`, no `include_unexpected_rows`; a test holds it to that). It applies
+    only on threads inside `gx_speedups(["narrow", ...])`, so another GX user in the process, on
+    another thread, always gets whole rows.
     """
     from great_expectations.execution_engine.pandas_execution_engine import PandasExecutionEngine
 
@@ -55,7 +62,7 @@ def column_domains_narrowed() -> Undo:
     def get_domain_records(self: Any, domain_kwargs: dict) -> Any:
         data = original(self, domain_kwargs)
         column = domain_kwargs.get("column")
-        if column is not None and column in data.columns and data.shape[1] > 1:
+        if _active_here("narrow") and column is not None and column in data.columns and data.shape[1] > 1:
             return data[[column]]
         return data
 
@@ -112,6 +119,11 @@ SPEEDUPS: dict[str, Callable[[], Undo]] = {
 _lock = threading.Lock()
 _users: dict[str, int] = {}
 _undo: dict[str, Undo] = {}
+_here = threading.local()  # per thread: how many open gx_speedups blocks asked for each fix
+
+
+def _active_here(name: str) -> bool:
+    return getattr(_here, "names", {}).get(name, 0) > 0
 
 
 @contextmanager
@@ -121,16 +133,21 @@ def gx_speedups(names: Collection[str] = tuple(SPEEDUPS)) -> Iterator[None]:
     if unknown:
         raise ValueError(f"unknown GX speedup(s): {', '.join(sorted(unknown))}")
     wanted = [n for n in SPEEDUPS if n in names]
-    with _lock:
-        for name in wanted:
-            if not _users.get(name):
-                _undo[name] = SPEEDUPS[name]()
-            _users[name] = _users.get(name, 0) + 1
+    entered: list[str] = []
+    mine: dict[str, int] = _here.__dict__.setdefault("names", {})
     try:
+        with _lock:
+            for name in wanted:
+                if not _users.get(name):
+                    _undo[name] = SPEEDUPS[name]()
+                _users[name] = _users.get(name, 0) + 1
+                entered.append(name)
+                mine[name] = mine.get(name, 0) + 1
         yield
     finally:
         with _lock:
-            for name in reversed(wanted):
+            for name in reversed(entered):
+                mine[name] -= 1
                 _users[name] -= 1
                 if not _users[name]:
                     _undo.pop(name)()

@@ -1,5 +1,6 @@
 """The GX speedups change no result: a frame with every kind of bad row gives the same verdict, count and
-failure details with and without them, the same Data Docs pages, and GX is left as it was found."""
+failure details with and without them, the same Data Docs pages, richer result formats keep their rows
+and index columns, and GX is left as it was found."""
 
 from __future__ import annotations
 
@@ -27,9 +28,20 @@ def bad_frame():
     return frame
 
 
-def pages(root):
-    """The Data Docs pages written, run timestamps masked."""
-    return sorted(re.sub(r"\d{8}T\d{6}\.\d+Z", "<run time>", p.relative_to(root).as_posix()) for p in root.rglob("*.html"))
+# What differs between two runs of the same validation: run times, ids.
+VOLATILE = [(r"\d{8}T\d{6}\.\d+Z", "<run>"), (r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(\.\d+)?(\+00:00|Z)?", "<time>"),
+            (r"'_run_time_sort': [\d.]+", "<sort>"), (r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", "<uuid>"),
+            (r"[0-9a-f]{32}", "<hex>")]
+
+
+def pages(root) -> dict[str, str]:
+    """The Data Docs pages written (path → HTML), run times and ids masked."""
+    def masked(text: str) -> str:
+        for pattern, mask in VOLATILE:
+            text = re.sub(pattern, mask, text)
+        return text
+
+    return {masked(p.relative_to(root).as_posix()): masked(p.read_text()) for p in root.rglob("*.html")}
 
 
 @pytest.mark.parametrize("off", ["all", *SPEEDUPS, "shape_only"])
@@ -44,7 +56,10 @@ def test_results_and_docs_are_those_of_gx_unpatched(tmp_path, off):
     slow = validate_frame(frame, spec, "tickets@fast", str(tmp_path / "slow"), speedups=rest)
     assert not fast[0] and len(fast[2]) >= 5
     assert fast == slow
-    assert pages(tmp_path / "fast") == pages(tmp_path / "slow")
+    fast_pages, slow_pages = pages(tmp_path / "fast"), pages(tmp_path / "slow")
+    assert fast_pages.keys() == slow_pages.keys()
+    if off in ("narrow", "templates"):  # the rest change the batch fingerprint row (not computed / of the view)
+        assert fast_pages == slow_pages
 
 
 def test_gx_is_restored_after_a_run_and_after_an_error():
@@ -91,3 +106,53 @@ def test_concurrent_validations_give_each_its_own_results(tmp_path):
         together = list(pool.map(lambda i: validate_frame((good, bad)[i], spec, f"tickets@{i}", str(tmp_path / f"t{i}")),
                                  range(2)))
     assert together == alone and alone[0][0] and not alone[1][0]
+
+
+def test_a_gx_run_on_another_thread_keeps_whole_rows_while_ours_narrows():
+    """Richer result formats read the other columns of a row; they are never narrowed outside our runs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import great_expectations as gx
+    import great_expectations.expectations as gxe
+    import pandas as pd
+
+    frame = pd.DataFrame({"id": [1, 2, 3, 4], "x": [5.0, 50.0, None, 70.0], "y": ["a", "b", "c", "d"]})
+    result_format = {"result_format": "COMPLETE", "unexpected_index_column_names": ["id"],
+                     "include_unexpected_rows": True}
+
+    def run() -> dict:
+        context = gx.get_context(mode="ephemeral")
+        batch = context.data_sources.add_pandas("p").add_dataframe_asset("a").add_batch_definition_whole_dataframe(
+            "all").get_batch(batch_parameters={"dataframe": frame})
+        result = batch.validate(gxe.ExpectColumnValuesToBeBetween(column="x", min_value=0, max_value=10),
+                                result_format=result_format).result
+        return {**result, "unexpected_rows": result["unexpected_rows"].to_dict("list")}
+
+    plain = run()
+    assert plain["unexpected_index_list"] == [{"x": 50.0, "id": 2}, {"x": 70.0, "id": 4}]
+    assert plain["unexpected_rows"]["y"] == ["b", "d"]
+    with gx_speedups(), ThreadPoolExecutor(1) as other:
+        assert other.submit(run).result() == plain
+
+
+def test_validate_frame_asks_for_no_result_that_reads_other_columns():
+    from tasks.validation import RESULT_FORMAT
+
+    assert not RESULT_FORMAT.get("unexpected_index_column_names") and not RESULT_FORMAT.get("include_unexpected_rows")
+    assert RESULT_FORMAT["result_format"] in ("BOOLEAN_ONLY", "BASIC", "SUMMARY")
+
+
+def test_a_fix_that_fails_to_install_leaves_gx_as_it_was(monkeypatch):
+    import great_expectations.execution_engine.pandas_execution_engine as engine
+
+    from lifecycle import gx_speedups as module
+
+    def broken():
+        raise ImportError("no such GX internals")
+
+    monkeypatch.setitem(module.SPEEDUPS, "templates", broken)
+    before = (engine.HASH_THRESHOLD, engine.PandasExecutionEngine.get_domain_records)
+    with pytest.raises(ImportError), gx_speedups():
+        pass
+    assert (engine.HASH_THRESHOLD, engine.PandasExecutionEngine.get_domain_records) == before
+    assert not any(module._users.values())

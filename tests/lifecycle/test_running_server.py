@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import sys
 
-from lifecycle.cli_server import STATE_FILE, UpState, running_api_url
+from lifecycle.cli_server import STATE_FILE, UpState, running_api_url, up_server_for_run
 from lifecycle.processes import Started, start_process, stop_process, wait_http
 
 
@@ -20,8 +20,10 @@ def write_state(home, url: str, server: Started) -> None:
     (home / STATE_FILE).write_text(state.model_dump_json())
 
 
-def test_a_live_server_is_used_and_a_stopped_or_missing_one_is_not(tmp_path):
+def test_a_live_server_is_used_and_a_stopped_missing_or_unreadable_one_is_not(tmp_path, monkeypatch):
     assert running_api_url(tmp_path) is None  # never started
+    (tmp_path / STATE_FILE).write_text('{"profile": "local"')  # `up` writing it right now
+    assert running_api_url(tmp_path) is None
     site = tmp_path / "site"
     (site / "api").mkdir(parents=True)
     (site / "api" / "health").write_text("true")
@@ -33,6 +35,12 @@ def test_a_live_server_is_used_and_a_stopped_or_missing_one_is_not(tmp_path):
         wait_http(server, f"{url}/health", timeout_s=30)
         write_state(tmp_path, url, server)
         assert running_api_url(tmp_path) == url
+        monkeypatch.delenv("PREFECT_API_URL", raising=False)
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings(restore_defaults={PREFECT_API_URL}):  # the test session's server: none
+            assert up_server_for_run(tmp_path) == url
+        _another_server_is_named_so_up_is_not_used(tmp_path, monkeypatch)
         (site / "api" / "health").unlink()  # up, but not healthy: not used
         assert running_api_url(tmp_path) is None
     finally:
@@ -41,11 +49,11 @@ def test_a_live_server_is_used_and_a_stopped_or_missing_one_is_not(tmp_path):
     assert running_api_url(tmp_path) is None  # recorded, but stopped
 
 
-def test_choosing_the_server_imports_no_prefect():
-    """Prefect reads its settings once, at import: the choice must be made before anything imports it."""
-    import subprocess
+def _another_server_is_named_so_up_is_not_used(home, monkeypatch) -> None:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    code = ("import sys, lifecycle.cli, lifecycle.cli_server, lifecycle.home; "
-            "lifecycle.cli_server.running_api_url(lifecycle.home.lifecycle_home()); "
-            "assert 'prefect' not in sys.modules, 'prefect imported'")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    with temporary_settings({PREFECT_API_URL: "http://team-server:4200/api"}):  # a Prefect profile or config
+        assert up_server_for_run(home) is None
+    monkeypatch.setenv("PREFECT_API_URL", "")  # Prefect's way to ask for a temporary server
+    assert up_server_for_run(home) is None
+    monkeypatch.delenv("PREFECT_API_URL")
