@@ -137,7 +137,7 @@ def test_a_version_registered_on_a_database_store_is_listed_on_its_logged_model(
     from mlflow import MlflowClient
 
     class Echo(mlflow.pyfunc.PythonModel):
-        def predict(self, context, model_input, params=None):
+        def predict(self, context, model_input: list[str], params=None) -> list[str]:
             return model_input
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
