@@ -65,7 +65,7 @@ def _recorded_on_up_server():
     from contextlib import nullcontext
 
     from lifecycle.cli_server import api_context, up_server_for_run
-    from lifecycle.home import lifecycle_home
+    from lifecycle.profiles import lifecycle_home
 
     url = up_server_for_run(lifecycle_home())
     if url is None:
@@ -80,7 +80,7 @@ def _fail(exc: Exception) -> None:
 
 
 def _default_spec(rows: int) -> Path:
-    from lifecycle.home import lifecycle_home
+    from lifecycle.profiles import lifecycle_home
     from lifecycle.sample import write_sample
 
     return write_sample(lifecycle_home() / "sample", rows=rows)[1]
@@ -181,7 +181,7 @@ def _write_example_request(result, store) -> str:
     returns its path as the query hint shows it (relative when it is below the current folder)."""
     import json
 
-    from lifecycle.home import lifecycle_home
+    from lifecycle.profiles import lifecycle_home
 
     path = (lifecycle_home() / "sample" / "request.json").resolve()
     try:
@@ -328,7 +328,7 @@ def down(profile: str = typer.Option("local")) -> None:
     """Stop the serving process this profile started, and what `lifecycle up` started (by recorded PIDs)."""
     _prepare_env()
     from lifecycle.cli_server import stop_started
-    from lifecycle.home import lifecycle_home
+    from lifecycle.profiles import lifecycle_home
 
     for name in stop_started(lifecycle_home()):  # what `lifecycle up` started, even if the profile is broken
         console.print(f"stopped {name}")

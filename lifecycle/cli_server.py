@@ -158,7 +158,7 @@ def read_state(home: Path) -> UpState | None:
 
 
 def api_url_from_state() -> str | None:
-    from lifecycle.home import lifecycle_home
+    from lifecycle.profiles import lifecycle_home
 
     state = read_state(lifecycle_home())
     return state.prefect_url if state else None
@@ -305,7 +305,7 @@ def up(
 ) -> None:
     """Start a local Prefect server, MLflow, work pools, blocks, deployments and a worker (stop: `lifecycle down`)."""
     from lifecycle.cli import _fail, _prepare_env, console
-    from lifecycle.home import lifecycle_home
+    from lifecycle.profiles import lifecycle_home
 
     _prepare_env()
     try:

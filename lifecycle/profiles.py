@@ -18,7 +18,6 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from infra_blocks import DaskCompute, MlflowTarget, ObjectStore, ServingTarget, VectorStore
 from lifecycle.errors import LifecycleError
-from lifecycle.home import lifecycle_home
 
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "deployments" / "profiles"
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -36,6 +35,10 @@ class Targets(BaseModel):
 
     def block_names(self, profile: str) -> dict[str, str]:
         return {field: f"{profile}-{field}" for field in type(self).model_fields}
+
+
+def lifecycle_home() -> Path:
+    return Path(os.environ.get("LIFECYCLE_HOME") or Path.cwd() / ".lifecycle").resolve()
 
 
 def _expand(value: Any, env: dict[str, str]) -> Any:
