@@ -55,7 +55,7 @@ def main() -> None:
 
     from flows.lifecycle import lifecycle_with_targets
     from infra_blocks.dask_compute import close_local_clusters
-    from lifecycle.profiles import load_profile
+    from infra_blocks.profiles import load_profile
     from lifecycle.sample import write_sample
     from lifecycle.spec import load_spec
     from tasks.serving import stop_current

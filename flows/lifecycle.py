@@ -24,7 +24,7 @@ from flows.subflows import without_subflow_heartbeat
 from flows.train import train
 from flows.validate import validate
 from lifecycle import progress
-from lifecycle.profiles import Targets, load_targets
+from infra_blocks.profiles import Targets, load_targets
 from lifecycle.records import (
     DatasetVersion,
     Deployment,

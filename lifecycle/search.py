@@ -9,7 +9,7 @@ the serving image stays small.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -18,8 +18,16 @@ from lifecycle.encoder import encode as encode_texts
 from lifecycle.errors import LifecycleError
 
 if TYPE_CHECKING:
-    from infra_blocks import VectorStore
     from lifecycle.records import IndexVersion
+
+
+class VectorLocation(Protocol):
+    """Where this process reaches the LanceDB database (the `VectorStore` block is one); a protocol so
+    that core does not import the blocks layer."""
+
+    uri: str
+
+    def lance_storage_options(self) -> dict[str, str]: ...
 
 # Columns of an index table (written by tasks.lancedb_index); every other column is metadata.
 ID = "id"
@@ -68,7 +76,7 @@ class Searcher:
         self.encoder = load_encoder(device)
 
     @classmethod
-    def from_record(cls, record: IndexVersion, vectors: VectorStore, device: str = "cpu",
+    def from_record(cls, record: IndexVersion, vectors: VectorLocation, device: str = "cpu",
                     by_tag: bool = False) -> Searcher:
         """The searcher for an IndexVersion: its exact table version (or its tag) and query settings.
 

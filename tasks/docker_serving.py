@@ -36,7 +36,7 @@ from pydantic import BaseModel
 from infra_blocks import ServingTarget
 from lifecycle.errors import LifecycleError
 from lifecycle.features import FeatureSchema
-from lifecycle.processes import wait_until_ok
+from tasks.processes import wait_until_ok
 from serving.config import ServingConfig
 from serving.model import SCHEMA_FILE
 from tasks.docker_images import (

@@ -39,7 +39,7 @@ def default_profile() -> str:
 def targets_for(profile: str | None):
     """The profile's name and its blocks from the API (`<profile>-<role>`); a profile without saved
     blocks fails here, at the start of a run, in one line."""
-    from lifecycle.profiles import load_targets
+    from infra_blocks.profiles import load_targets
 
     name = profile or default_profile()
     return name, load_targets(name)

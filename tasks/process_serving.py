@@ -30,7 +30,7 @@ from pydantic import BaseModel, Field
 
 from infra_blocks import ServingTarget
 from lifecycle.errors import LifecycleError
-from lifecycle.processes import wait_until_ok
+from tasks.processes import wait_until_ok
 from lifecycle.records import utcnow
 from serving.config import ServingConfig
 from tasks.serving import CONFIG_FILE, PROJECT_ROOT, base_url, http_client, smoke_test

@@ -26,7 +26,7 @@ from prefect import task
 
 from infra_blocks import ObjectStore
 from lifecycle.errors import QuarantinedError
-from lifecycle.gx_speedups import SPEEDUPS, gx_speedups
+from tasks.gx_speedups import SPEEDUPS, gx_speedups
 from lifecycle.records import DatasetVersion, FailedExpectation, ValidationReport, code_version, stable_hash
 from lifecycle.spec import DatasetSpec, Task
 from tasks.policies import retry_unless_user_error
@@ -238,7 +238,7 @@ def validate_frame(frame: pd.DataFrame, spec: DatasetSpec, run_name: str, docs_d
     """Run the spec's suite on a frame with an ephemeral GX context; Data Docs go to `docs_dir`.
 
     `speedups` names the fixes to apply: `shape_only` (`shape_only_view`) and those of
-    `lifecycle.gx_speedups`. All by default; the validate benchmark turns them off to measure each.
+    `tasks.gx_speedups`. All by default; the validate benchmark turns them off to measure each.
 
     Returns:
         (success, number of expectations evaluated, failed expectations).

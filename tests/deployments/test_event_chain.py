@@ -35,7 +35,7 @@ def stack(lifecycle_stack, tmp_path_factory):
     rounds, for speed."""
     import yaml
 
-    from lifecycle.cli import app
+    from cli.app import app
     from tasks.specs import registered_spec
 
     store = lifecycle_stack.targets.store
@@ -236,7 +236,7 @@ def notification(store, key: str) -> dict:
 def test_the_same_object_announced_again_and_again_is_ingested_once(stack, tmp_path):
     from prefect.deployments import run_deployment
 
-    from lifecycle.cli import app
+    from cli.app import app
 
     store = stack.targets.store
     chain_uri = store.uri("landing/tickets/batch-001.csv")

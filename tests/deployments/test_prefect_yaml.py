@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lifecycle.cli_server import POOLS
+from cli.server import POOLS
 from lifecycle.records import ValidationReport
 from lifecycle.spec import DatasetSpec
 from tasks.landing import LANDED_EVENT

@@ -48,10 +48,10 @@ def test_up_on_postgresql_runs_one_lifecycle_with_the_prod_profile_and_down_stop
     pytest.importorskip("psycopg", reason="MLflow's PostgreSQL driver (psycopg[binary] in pyproject)")
     from prefect.deployments import run_deployment
 
-    from lifecycle.cli import app
-    from lifecycle.cli_server import api_context, read_state
-    from lifecycle.processes import is_running
-    from lifecycle.profiles import load_targets
+    from cli.app import app
+    from cli.server import api_context, read_state
+    from tasks.processes import is_running
+    from infra_blocks.profiles import load_targets
     from lifecycle.records import Deployment
     from tasks.records import latest_record
 

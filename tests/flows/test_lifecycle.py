@@ -15,7 +15,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from lifecycle.cli import app
+from cli.app import app
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ import tasks.ingest
 from flows.ingest import ingest
 from infra_blocks import MlflowTarget, ObjectStore, ServingTarget, VectorStore
 from lifecycle.errors import LifecycleError, StoreUnavailableError
-from lifecycle.profiles import Targets
+from infra_blocks.profiles import Targets
 from lifecycle.records import EmbeddingSet, ModelVersion, TrainedModel, ValidationReport
 from lifecycle.sample import generate_tickets
 from tasks.ingest import ingest_dataset

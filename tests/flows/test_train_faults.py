@@ -165,7 +165,7 @@ def test_prod_profile_trains_on_an_address_cluster_and_registers_in_mlflow_on_po
     """deployments/profiles/prod.yaml with its variables pointed at real local services."""
     from flows.register import register
     from flows.train import train
-    from lifecycle.profiles import load_profile
+    from infra_blocks.profiles import load_profile
     from lifecycle.sample import write_sample
     from lifecycle.spec import load_spec
     from tasks.ingest import ingest_dataset

@@ -202,7 +202,7 @@ def _profile(world) -> str:
 def _cli(*args: str):
     from typer.testing import CliRunner
 
-    from lifecycle.cli import app
+    from cli.app import app
 
     return CliRunner().invoke(app, list(args))
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import socket
 import sys
 
-from lifecycle.cli_server import STATE_FILE, UpState, running_api_url, up_server_for_run
-from lifecycle.processes import Started, start_process, stop_process, wait_http
+from cli.server import STATE_FILE, UpState, running_api_url, up_server_for_run
+from tasks.processes import Started, start_process, stop_process, wait_http
 
 
 def free_port() -> int:

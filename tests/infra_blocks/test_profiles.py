@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lifecycle.errors import LifecycleError
-from lifecycle.profiles import apply_profile, load_profile, load_targets
+from infra_blocks.profiles import apply_profile, load_profile, load_targets
 
 
 def test_local_profile_is_embedded(tmp_path, monkeypatch):

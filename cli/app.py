@@ -6,52 +6,21 @@ is prepared, so `lifecycle --help` is instant and settings take effect.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from cli.console import RichObserver, console, fail, prepare_env
+from cli.models import promote, rollback
+from cli.server import notify, register, up
 from lifecycle.errors import LifecycleError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run and inspect the ML lifecycle.")
 blocks_app = typer.Typer(no_args_is_help=True, help="Block documents of a profile.")
 app.add_typer(blocks_app, name="blocks")
-console = Console()
-err_console = Console(stderr=True)
-
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-    "GIT_PYTHON_REFRESH": "quiet",
-    "TOKENIZERS_PARALLELISM": "false",
-    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-    "TRANSFORMERS_VERBOSITY": "error",
-}
-
-
-QUIET_ENV = {
-    # Prefect and Dask log every step to the console; the CLI shows stage progress and one-line errors
-    # instead. Full logs still reach the Prefect API (`prefect flow-run logs ID`); `-v` shows them here.
-    "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",
-    "DASK_LOGGING__DISTRIBUTED": "error",
-    "TQDM_DISABLE": "1",  # library load bars; the CLI draws its own stage progress
-    "MLFLOW_LOGGING_LEVEL": "ERROR",  # "Successfully registered model", pickling notes: the summary says it
-    "LANCEDB_LOG": "error",  # LanceDB's Rust warnings ("no existing dataset … will be created", k-means notes)
-}
-
-
-def _prepare_env(verbose: bool = False) -> None:
-    """Offline model loading and quiet telemetry; values a user set explicitly win.
-
-    Runs before Prefect is imported (its logging is configured at import time)."""
-    for key, value in {**OFFLINE_ENV, **({} if verbose else QUIET_ENV)}.items():
-        os.environ.setdefault(key, value)
 
 
 def _recorded_on_up_server():
@@ -64,8 +33,8 @@ def _recorded_on_up_server():
     """
     from contextlib import nullcontext
 
-    from lifecycle.cli_server import api_context, up_server_for_run
-    from lifecycle.profiles import lifecycle_home
+    from cli.server import api_context, up_server_for_run
+    from infra_blocks.profiles import lifecycle_home
 
     url = up_server_for_run(lifecycle_home())
     if url is None:
@@ -74,36 +43,11 @@ def _recorded_on_up_server():
     return api_context(url)
 
 
-def _fail(exc: Exception) -> None:
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code=1)
-
-
 def _default_spec(rows: int) -> Path:
-    from lifecycle.profiles import lifecycle_home
+    from infra_blocks.profiles import lifecycle_home
     from lifecycle.sample import write_sample
 
     return write_sample(lifecycle_home() / "sample", rows=rows)[1]
-
-
-class _RichObserver:
-    """Shows each stage as it runs, with its time and whether it reused its record."""
-
-    def __init__(self, status) -> None:
-        self.status = status
-
-    def started(self, stage: str) -> None:
-        self.status.update(f"[bold]{stage}[/] running…")
-
-    def finished(self, stage: str, status: str, seconds: float) -> None:
-        colour = {"ran": "green", "cached": "cyan"}.get(status, "yellow")
-        console.print(f"  [{colour}]✓[/] {stage:<9} {status:<8} {seconds:7.2f}s")
-
-    def advanced(self, stage: str, done: int, total: int) -> None:
-        width = 30
-        filled = int(width * done / total) if total else width
-        bar = "█" * filled + "░" * (width - filled)
-        self.status.update(f"[bold]{stage}[/] {bar} {done}/{total} rows")
 
 
 @app.command()
@@ -118,23 +62,23 @@ def run(
     With `lifecycle up` running (and PREFECT_API_URL unset), the run is recorded on its Prefect server
     and shows in its UI; otherwise Prefect starts a temporary server for this run (~5 s more).
     """
-    _prepare_env(verbose)
+    prepare_env(verbose)
     try:
         from flows.lifecycle import lifecycle_with_targets
+        from infra_blocks.profiles import load_profile
         from lifecycle import progress
-        from lifecycle.profiles import load_profile
         from lifecycle.spec import load_spec
 
         dataset_spec = load_spec(spec or _default_spec(rows))
         targets = load_profile(profile)
         with _recorded_on_up_server(), console.status("starting…") as status:
-            restore = progress.set_observer(_RichObserver(status))
+            restore = progress.set_observer(RichObserver(status))
             try:
                 result = lifecycle_with_targets(dataset_spec, targets)
             finally:
                 restore()
     except LifecycleError as exc:
-        _fail(exc)
+        fail(exc)
     finally:
         from infra_blocks.dask_compute import close_local_clusters
 
@@ -181,7 +125,7 @@ def _write_example_request(result, store) -> str:
     returns its path as the query hint shows it (relative when it is below the current folder)."""
     import json
 
-    from lifecycle.profiles import lifecycle_home
+    from infra_blocks.profiles import lifecycle_home
 
     path = (lifecycle_home() / "sample" / "request.json").resolve()
     try:
@@ -202,9 +146,9 @@ def _write_example_request(result, store) -> str:
 @app.command()
 def status(profile: str = typer.Option("local", help="Profile.")) -> None:
     """The latest record of every stage for each dataset, and whether the endpoint answers."""
-    _prepare_env()
+    prepare_env()
     try:
-        from lifecycle.profiles import load_profile
+        from infra_blocks.profiles import load_profile
         from lifecycle.records import RECORD_TYPES, parse_record
 
         targets = load_profile(profile)
@@ -225,7 +169,7 @@ def status(profile: str = typer.Option("local", help="Profile.")) -> None:
         console.print(table)
         console.print(f"endpoint {targets.serving.endpoint}: {_health(targets.serving.endpoint)}")
     except LifecycleError as exc:
-        _fail(exc)
+        fail(exc)
 
 
 def _detail(rec) -> str:
@@ -249,9 +193,9 @@ def _health(endpoint: str) -> str:
 @app.command()
 def lineage(dataset: str = typer.Argument("tickets"), profile: str = typer.Option("local")) -> None:
     """The chain of records behind what is deployed (or the latest model) for a dataset."""
-    _prepare_env()
+    prepare_env()
     try:
-        from lifecycle.profiles import load_profile
+        from infra_blocks.profiles import load_profile
         from lifecycle.records import RECORD_TYPES, parse_record
 
         store = load_profile(profile).store
@@ -265,7 +209,7 @@ def lineage(dataset: str = typer.Argument("tickets"), profile: str = typer.Optio
             raise LifecycleError(f"dataset {dataset!r}: no records yet")
         _print_lineage(store, start, 0)
     except LifecycleError as exc:
-        _fail(exc)
+        fail(exc)
 
 
 def _print_lineage(store, record, depth: int) -> None:
@@ -288,9 +232,9 @@ def search(
     as_json: bool = typer.Option(False, "--json", help="One JSON object per row (for scripts)."),
 ) -> None:
     """Search the latest index of a dataset with a text query."""
-    _prepare_env()
+    prepare_env()
     try:
-        from lifecycle.profiles import load_profile
+        from infra_blocks.profiles import load_profile
         from lifecycle.records import IndexVersion
         from lifecycle.search import Searcher
         from tasks.records import latest_record
@@ -301,7 +245,7 @@ def search(
             raise LifecycleError(f"dataset {dataset!r}: no index yet; run `lifecycle run`")
         rows = Searcher.from_record(record, targets.vectors).search(query, k=k, where=where)
     except LifecycleError as exc:
-        _fail(exc)
+        fail(exc)
     if as_json:
         import json
 
@@ -326,19 +270,19 @@ def search(
 @app.command()
 def down(profile: str = typer.Option("local")) -> None:
     """Stop the serving process this profile started, and what `lifecycle up` started (by recorded PIDs)."""
-    _prepare_env()
-    from lifecycle.cli_server import stop_started
-    from lifecycle.profiles import lifecycle_home
+    prepare_env()
+    from cli.server import stop_started
+    from infra_blocks.profiles import lifecycle_home
 
     for name in stop_started(lifecycle_home()):  # what `lifecycle up` started, even if the profile is broken
         console.print(f"stopped {name}")
     try:
-        from lifecycle.profiles import load_profile
+        from infra_blocks.profiles import load_profile
         from tasks.serving import stop_current
 
         stopped = stop_current(load_profile(profile).serving)
     except LifecycleError as exc:
-        _fail(exc)
+        fail(exc)
     if stopped:
         console.print(f"stopped deployment {stopped.deployment_id} (PID {stopped.pid}) on {stopped.host}:{stopped.port}")
     else:
@@ -358,25 +302,22 @@ def sample(out: Path = typer.Option(Path("sample"), help="Folder to write into."
 @blocks_app.command("apply")
 def blocks_apply(profile: str = typer.Option("local", help="Profile to apply.")) -> None:
     """Create or update the profile's five block documents on the Prefect API."""
-    _prepare_env()
+    prepare_env()
     try:
-        from lifecycle.profiles import apply_profile
+        from infra_blocks.profiles import apply_profile
 
         names = apply_profile(profile)
     except LifecycleError as exc:
-        _fail(exc)
+        fail(exc)
     for role, name in names.items():
         console.print(f"  {role:<8} → {name}")
 
 
-from lifecycle.cli_server import notify, register, up  # noqa: E402 - the orchestration commands
-
+# The orchestration commands (cli/server.py) and the champion commands (cli/models.py).
 app.command()(up)
 app.command()(notify)
 app.command()(register)
 
-
-from lifecycle.cli_models import promote, rollback  # noqa: E402 - move @champion by hand, audited
 
 app.command()(promote)
 app.command()(rollback)

@@ -5,7 +5,7 @@ Why this exists: on the validate stage's frames GX spent most of its time on wor
 column for every column check, and compiling Data Docs' Jinja templates again for each page. Each fix
 patches one GX attribute while at least one run needs it (runs may overlap in threads: the first in
 installs it, the last out restores it, also when installing another one fails). The column narrowing
-acts only on the threads of the runs that asked for it. `tests/lifecycle/test_gx_speedups.py` checks
+acts only on the threads of the runs that asked for it. `tests/tasks/test_gx_speedups.py` checks
 that verdicts, counts and failure details are those of GX unpatched, and that a run on another thread
 keeps whole rows; Data Docs pages are the same but for the batch fingerprint row, no longer computed.
 

@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from lifecycle.gx_speedups import SPEEDUPS, gx_speedups
+from tasks.gx_speedups import SPEEDUPS, gx_speedups
 from lifecycle.sample import SAMPLE_SPEC, generate_tickets
 from lifecycle.spec import parse_spec
 
@@ -145,7 +145,7 @@ def test_validate_frame_asks_for_no_result_that_reads_other_columns():
 def test_a_fix_that_fails_to_install_leaves_gx_as_it_was(monkeypatch):
     import great_expectations.execution_engine.pandas_execution_engine as engine
 
-    from lifecycle import gx_speedups as module
+    from tasks import gx_speedups as module
 
     def broken():
         raise ImportError("no such GX internals")

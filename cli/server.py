@@ -21,8 +21,9 @@ from typing import Any, Optional
 import typer
 from pydantic import BaseModel
 
+from cli.console import console, fail, prepare_env
 from lifecycle.errors import LifecycleError
-from lifecycle.processes import Started, is_running, start_process, stop_process, wait_http
+from tasks.processes import Started, is_running, start_process, stop_process, wait_http
 
 REPO = Path(__file__).resolve().parent.parent
 POOLS = {
@@ -158,7 +159,7 @@ def read_state(home: Path) -> UpState | None:
 
 
 def api_url_from_state() -> str | None:
-    from lifecycle.profiles import lifecycle_home
+    from infra_blocks.profiles import lifecycle_home
 
     state = read_state(lifecycle_home())
     return state.prefect_url if state else None
@@ -234,7 +235,7 @@ def bring_up(profile: str, home: Path, host: str = "127.0.0.1", prefect_port: in
             becomes the server's default profile.
         repo: the checkout whose prefect.yaml is deployed (flow runs start in it).
     """
-    from lifecycle.profiles import apply_profile, load_profile
+    from infra_blocks.profiles import apply_profile, load_profile
 
     existing = read_state(home)
     if existing and all(is_running(p) for p in existing.processes):
@@ -304,23 +305,22 @@ def up(
     no_mlflow: bool = typer.Option(False, "--no-mlflow", help="Do not start an MLflow server."),
 ) -> None:
     """Start a local Prefect server, MLflow, work pools, blocks, deployments and a worker (stop: `lifecycle down`)."""
-    from lifecycle.cli import _fail, _prepare_env, console
-    from lifecycle.profiles import lifecycle_home
+    from infra_blocks.profiles import lifecycle_home
 
-    _prepare_env()
+    prepare_env()
     try:
         state = bring_up(profile, lifecycle_home(), prefect_port=prefect_port, mlflow_port=mlflow_port,
                          prefect_db=prefect_db, mlflow_db=mlflow_db, mlflow_artifacts=mlflow_artifacts,
                          mlflow=not no_mlflow, say=lambda m: console.print(f"  [green]✓[/] {m}", highlight=False))
     except LifecycleError as exc:
-        _fail(exc)
+        fail(exc)
     console.print(f"[bold]UI:[/] {state.prefect_url.removesuffix('/api')}   "
                   f"[bold]API:[/] export PREFECT_API_URL={state.prefect_url}", soft_wrap=True)
     console.print("[bold]Land data:[/] copy a CSV under the store's landing/tickets/ (or `lifecycle notify EVENT.json`)."
                   "  [bold]Stop:[/] lifecycle down", soft_wrap=True)
 
 
-def _api_or_fail() -> str:
+def _api_orfail() -> str:
     from prefect.settings import PREFECT_API_URL
 
     url = os.environ.get("PREFECT_API_URL") or api_url_from_state() or PREFECT_API_URL.value()
@@ -347,18 +347,17 @@ def notify(
                                                      "server's)."),
 ) -> None:
     """Announce the objects of an S3/MinIO event notification as `lifecycle.dataset.landed` events."""
-    from lifecycle.cli import _fail, _prepare_env, console
 
-    _prepare_env()
+    prepare_env()
     try:
         text = sys.stdin.read() if file == "-" else Path(file).read_text()
     except OSError as exc:
-        _fail(LifecycleError(f"{file}: cannot read ({exc.strerror})"))
+        fail(LifecycleError(f"{file}: cannot read ({exc.strerror})"))
     try:
-        with api_context(_api_or_fail()):
+        with api_context(_api_orfail()):
             landed, skipped = notify_objects(text, file, profile)
     except LifecycleError as exc:
-        _fail(exc)
+        fail(exc)
     for obj in landed:
         console.print(f"  landed {obj.uri} (dataset {obj.dataset}, etag {obj.etag})", highlight=False)
     for uri in skipped:
@@ -370,19 +369,18 @@ def register(
     profile: Optional[str] = typer.Option(None, help="Profile whose store keeps the spec (default: the server's)."),
 ) -> None:
     """Register a dataset spec: files landing under landing/<name>/ are then ingested with it."""
-    from lifecycle.cli import _fail, _prepare_env, console
 
-    _prepare_env()
+    prepare_env()
     try:
         from lifecycle.spec import load_spec
         from tasks.orchestration import targets_for
         from tasks.specs import register_spec
 
         dataset_spec = load_spec(spec)
-        with api_context(_api_or_fail()):
+        with api_context(_api_orfail()):
             _, targets = targets_for(profile)
             key = register_spec(targets.store, dataset_spec)
     except LifecycleError as exc:
-        _fail(exc)
+        fail(exc)
     console.print(f"registered {dataset_spec.name}: {targets.store.uri(key)}; land files under "
                   f"{targets.store.uri('landing/' + dataset_spec.name)}/", highlight=False)

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from lifecycle.errors import LifecycleError
-from lifecycle.processes import Started, is_running, start_process, stop_process, wait_http
+from tasks.processes import Started, is_running, start_process, stop_process, wait_http
 
 SLEEPER = [sys.executable, "-c", "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
            "'import time; time.sleep(60)']); time.sleep(60)"]

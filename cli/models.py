@@ -12,6 +12,7 @@ from typing import Optional
 
 import typer
 
+from cli.console import console, err_console, fail, prepare_env
 from lifecycle.errors import LifecycleError
 
 
@@ -37,18 +38,17 @@ def promote(
     profile: str = typer.Option("local", help="Profile in deployments/profiles or a YAML path."),
 ) -> None:
     """Make VERSION the champion if it beats the current one on its holdout (or --force); audited."""
-    from lifecycle.cli import _fail, _prepare_env, console, err_console
 
-    _prepare_env()
+    prepare_env()
     try:
-        from lifecycle.profiles import load_profile
+        from infra_blocks.profiles import load_profile
         from tasks.promotion import promote_version
 
         targets = load_profile(profile)
         dataset_spec = _spec(targets.store, targets.mlflow, dataset, version, spec)
         audit = promote_version(dataset_spec, targets.store, targets.mlflow, version, force=force, reason=reason)
     except LifecycleError as exc:
-        _fail(exc)
+        fail(exc)
     if audit.moved:
         console.print(f"{audit.model_name}@champion → v{audit.version}: {audit.decision}  (audit {audit.id})",
                       soft_wrap=True)
@@ -64,16 +64,15 @@ def rollback(
     profile: str = typer.Option("local", help="Profile in deployments/profiles or a YAML path."),
 ) -> None:
     """Point @champion back at the version the current champion replaced (from the audit chain)."""
-    from lifecycle.cli import _fail, _prepare_env, console
 
-    _prepare_env()
+    prepare_env()
     try:
-        from lifecycle.profiles import load_profile
+        from infra_blocks.profiles import load_profile
         from tasks.promotion import rollback_champion
 
         targets = load_profile(profile)
         audit = rollback_champion(dataset, targets.store, targets.mlflow, reason=reason)
     except LifecycleError as exc:
-        _fail(exc)
+        fail(exc)
     console.print(f"{audit.model_name}@champion → v{audit.version}: {audit.decision}  (audit {audit.id})",
                   soft_wrap=True)

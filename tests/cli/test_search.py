@@ -11,7 +11,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from lifecycle.cli import app
+from cli.app import app
 
 QUERIES = [
     ("refund for my invoice", "billing"),
@@ -28,7 +28,7 @@ def home(tmp_path_factory, local_compute):
     from flows.index import index
     from flows.ingest import ingest
     from flows.validate import validate
-    from lifecycle.profiles import load_profile
+    from infra_blocks.profiles import load_profile
     from lifecycle.sample import write_sample
     from lifecycle.spec import load_spec
 
