@@ -15,8 +15,9 @@ round runs every side once, so the sides share the machine's noise), each run ti
   (`git show REV:tasks/ingest.py > FILE`), for before/after figures from one run.
 
 Every rate is the raw write's Parquet bytes over the run's wall time, so a ratio is a time ratio. The moto
-server runs in its own process; what a run wrote is deleted after it (untimed) to bound its memory. 10M rows are 1M generated rows tiled with fresh ids (the generator is a
-Python loop: ~60 s per 1M rows here); the content differs only in ids.
+server runs in its own process; what a run wrote is deleted after it (untimed) to bound its memory.
+10M rows are 1M generated rows tiled with fresh ids (the generator is a Python loop: ~60 s per 1M rows
+here); the content differs only in ids.
 
 Memory (`--memory-mb N`): a CSV of about N MB is ingested into a file lake in a subprocess, and its peak
 RSS (VmHWM) is compared with the same subprocess ingesting the 600-row sample.
@@ -178,7 +179,7 @@ def throughput(rows: int, repeat: int, workdir: Path, endpoint: str, before=None
     if before is not None:
         sides["csv_before"] = ingest_from(csv, before)
     best = interleaved_best(repeat, sides)
-    del table
+    table = None  # the closures' table: freed before the figures are written
 
     mb = size / 1e6
     tag = f"{rows // 1_000_000}M rows" if rows >= 1_000_000 else f"{rows} rows"

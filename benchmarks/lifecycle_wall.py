@@ -22,8 +22,12 @@ from benchmarks.harness import record
 async def _task_seconds(since: datetime) -> float:
     """Summed run time of leaf task runs (not subflow wrappers) started after `since`."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterStartTime, TaskRunFilter,
-                                                TaskRunFilterStartTime)
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterStartTime,
+        TaskRunFilter,
+        TaskRunFilterStartTime,
+    )
 
     async def pages(read, **kwargs):
         out, offset = [], 0

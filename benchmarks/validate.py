@@ -121,7 +121,8 @@ def pandas_checks(frame: pd.DataFrame, spec) -> list[tuple[str, str | None, int]
             failed.append(("expect_column_values_to_be_between", c, n))
 
     if exp.max_null_fraction < 1:
-        features = [*spec.numeric_features, *spec.categorical_features, *([spec.text_column] if spec.text_column else [])]
+        text = [spec.text_column] if spec.text_column else []
+        features = [*spec.numeric_features, *spec.categorical_features, *text]
         for c in features:
             if c in present and c not in strict and nulls[c].mean() > exp.max_null_fraction:
                 failed.append(("expect_column_values_to_not_be_null", c, int(nulls[c].sum())))
@@ -172,9 +173,40 @@ WITHOUT = {
 }
 
 
-def main() -> None:
+
+def bench_rows(rows: int, spec, args) -> None:
+    """Time GX against the pandas checks on one generated frame (freed when this returns)."""
     from tasks.validation import ALL_SPEEDUPS, validate_frame
 
+    t0 = time.perf_counter()
+    frame = tickets(rows, spec)
+    print(f"{rows} rows: frame ready in {time.perf_counter() - t0:.0f} s", flush=True)
+
+    def gx(speedups=ALL_SPEEDUPS) -> None:
+        with tempfile.TemporaryDirectory(prefix="gx-docs-") as docs:
+            ok, _, failed = validate_frame(frame, spec, f"tickets@bench-{rows}", docs, speedups=speedups)
+        assert ok and not failed
+
+    def hand() -> None:
+        assert pandas_checks(frame, spec) == []
+
+    sides = {"pandas": hand, "gx": gx}
+    for off in args.without:
+        rest = () if off == "all" else tuple(s for s in ALL_SPEEDUPS if s != off)
+        sides[f"gx_without_{off}"] = lambda rest=rest: gx(rest)
+    best = interleaved_best(args.repeat, sides)
+    tag = f"{rows // 1_000_000}M rows" if rows >= 1_000_000 else f"{rows} rows"
+    baseline = "hand-written vectorised pandas checks of the same rules"
+    record(f"validate.pandas_checks ({tag})", rows / best["pandas"], "rows/s")
+    record(f"validate.gx_suite ({tag})", rows / best["gx"], "rows/s", baseline=baseline,
+           baseline_value=rows / best["pandas"], goal=">= 0.5x")
+    for off in args.without:
+        record(f"validate.gx_suite ({tag}, before: {WITHOUT[off]})", rows / best[f"gx_without_{off}"], "rows/s",
+               baseline=baseline, baseline_value=rows / best["pandas"], goal=">= 0.5x")
+    print("  " + "  ".join(f"{name} {t:.2f}s" for name, t in best.items()), flush=True)
+
+
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="*", default=[1_000_000, 10_000_000])
     parser.add_argument("--repeat", type=int, default=3)
@@ -185,33 +217,7 @@ def main() -> None:
     spec = tickets_spec()
     check_same_rules(spec)
     for rows in args.rows:
-        t0 = time.perf_counter()
-        frame = tickets(rows, spec)
-        print(f"{rows} rows: frame ready in {time.perf_counter() - t0:.0f} s", flush=True)
-
-        def gx(speedups=ALL_SPEEDUPS) -> None:
-            with tempfile.TemporaryDirectory(prefix="gx-docs-") as docs:
-                ok, _, failed = validate_frame(frame, spec, f"tickets@bench-{rows}", docs, speedups=speedups)
-            assert ok and not failed
-
-        def hand() -> None:
-            assert pandas_checks(frame, spec) == []
-
-        sides = {"pandas": hand, "gx": gx}
-        for off in args.without:
-            rest = () if off == "all" else tuple(s for s in ALL_SPEEDUPS if s != off)
-            sides[f"gx_without_{off}"] = lambda rest=rest: gx(rest)
-        best = interleaved_best(args.repeat, sides)
-        tag = f"{rows // 1_000_000}M rows" if rows >= 1_000_000 else f"{rows} rows"
-        baseline = "hand-written vectorised pandas checks of the same rules"
-        record(f"validate.pandas_checks ({tag})", rows / best["pandas"], "rows/s")
-        record(f"validate.gx_suite ({tag})", rows / best["gx"], "rows/s", baseline=baseline,
-               baseline_value=rows / best["pandas"], goal=">= 0.5x")
-        for off in args.without:
-            record(f"validate.gx_suite ({tag}, before: {WITHOUT[off]})", rows / best[f"gx_without_{off}"], "rows/s",
-                   baseline=baseline, baseline_value=rows / best["pandas"], goal=">= 0.5x")
-        print("  " + "  ".join(f"{name} {t:.2f}s" for name, t in best.items()), flush=True)
-        del frame
+        bench_rows(rows, spec, args)
 
 
 if __name__ == "__main__":

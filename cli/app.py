@@ -97,13 +97,15 @@ def _print_summary(result, targets) -> None:
     facts = {
         "ingest": f"version {result.dataset.id} · {result.dataset.rows} rows",
         "validate": f"{'passed' if v.success else 'FAILED'} · {v.evaluated} expectations",
-        "embed": f"{result.embeddings.id} · {result.embeddings.rows} × {result.embeddings.dim}" if result.embeddings else "",
+        "embed": (f"{result.embeddings.id} · {result.embeddings.rows} × {result.embeddings.dim}"
+                  if result.embeddings else ""),
         "index": (f"{result.index.table}@v{result.index.table_version} · {result.index.index_type} · "
                   f"recall@{result.index.k} {result.index.recall_at_k:.3f}") if result.index else "",
         "train": f"{result.trained.primary_metric} {result.trained.metrics[result.trained.primary_metric]:.4f}",
         "register": f"{result.model.model_name} v{result.model.version} · {', '.join(result.model.aliases)} · "
                     f"{result.model.decision}",
-        "deploy": f"{result.deployment.endpoint} (model v{result.deployment.model_version})" if result.deployment else "",
+        "deploy": (f"{result.deployment.endpoint} (model v{result.deployment.model_version})"
+                   if result.deployment else ""),
     }
     for stage in result.stages:
         table.add_row(stage.stage, stage.status, facts.get(stage.stage, ""), f"{stage.seconds:.2f}")
@@ -284,7 +286,8 @@ def down(profile: str = typer.Option("local")) -> None:
     except LifecycleError as exc:
         fail(exc)
     if stopped:
-        console.print(f"stopped deployment {stopped.deployment_id} (PID {stopped.pid}) on {stopped.host}:{stopped.port}")
+        console.print(f"stopped deployment {stopped.deployment_id} (PID {stopped.pid}) "
+                      f"on {stopped.host}:{stopped.port}")
     else:
         console.print("nothing was serving")
 

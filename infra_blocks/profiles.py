@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from prefect.blocks.core import Block
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from infra_blocks import DaskCompute, MlflowTarget, ObjectStore, ServingTarget, VectorStore
@@ -103,9 +104,10 @@ def apply_profile(profile: str = "local") -> dict[str, str]:
 def load_targets(profile: str = "local") -> Targets:
     """Load the saved block documents of a profile from the Prefect API (deployments use this)."""
     names = Targets.model_fields
-    types = {"store": ObjectStore, "compute": DaskCompute, "mlflow": MlflowTarget, "vectors": VectorStore,
-             "serving": ServingTarget}
+    types: dict[str, type[Block]] = {"store": ObjectStore, "compute": DaskCompute, "mlflow": MlflowTarget,
+                                     "vectors": VectorStore, "serving": ServingTarget}
     try:
         return Targets(**{f: types[f].load(f"{profile}-{f}") for f in names})
     except ValueError as exc:
-        raise LifecycleError(f"profile {profile!r}: blocks not found; run `lifecycle blocks apply --profile {profile}`") from exc
+        raise LifecycleError(f"profile {profile!r}: blocks not found; "
+                             f"run `lifecycle blocks apply --profile {profile}`") from exc

@@ -27,6 +27,9 @@ class FeatureSchema(BaseModel):
     categorical: dict[str, list[str]] = Field(description="Column -> levels in code order.")
     text_column: str | None = None
     embedding_dim: int = Field(0, description="Embedding features appended after tabular ones (0 = none).")
+    text_model: str = Field("all-MiniLM-L6-v2", description="Encoder of the embedding features (spec embed.model).")
+    text_max_chars: int = Field(2000, ge=1, description="Texts are cut to this length before encoding "
+                                "(spec embed.max_chars); serving must cut requests alike.")
     classes: list[str] = Field(default_factory=list, description="Label classes in index order.")
 
     @property
@@ -44,7 +47,8 @@ class FeatureSchema(BaseModel):
         return ["q"] * len(self.numeric) + ["c"] * len(self.categorical) + ["q"] * self.embedding_dim
 
 
-def build_schema(spec: DatasetSpec, categories: dict[str, list[str]], classes: list[str], embedding_dim: int = 0) -> FeatureSchema:
+def build_schema(spec: DatasetSpec, categories: dict[str, list[str]], classes: list[str],
+                 embedding_dim: int = 0) -> FeatureSchema:
     """The schema for a spec, given the levels and classes observed in the training data."""
     if spec.task is not Task.regression and len(classes) < 2:
         only = classes[0] if classes else "nothing"
@@ -61,6 +65,8 @@ def build_schema(spec: DatasetSpec, categories: dict[str, list[str]], classes: l
         categorical={c: sorted(categories.get(c, [])) for c in spec.categorical_features},
         text_column=spec.text_column,
         embedding_dim=embedding_dim,
+        text_model=spec.embed.model,
+        text_max_chars=spec.embed.max_chars,
         classes=classes,
     )
 

@@ -44,6 +44,8 @@ def code_version(*modules: ModuleType) -> str:
     return stable_hash(*(_source_hash(m) for m in modules), length=12)
 
 
+IndexType = Literal["exact", "ivf_flat", "ivf_pq", "ivf_hnsw_sq"]
+
 class Record(BaseModel):
     """Fields every stage record carries."""
 
@@ -136,7 +138,7 @@ class IndexVersion(Record):
     table: str
     table_version: int
     tag: str
-    index_type: Literal["exact", "ivf_flat", "ivf_pq", "ivf_hnsw_sq"]
+    index_type: IndexType
     index_params: dict[str, Any] = Field(default_factory=dict)
     rows: int
     k: int

@@ -40,7 +40,8 @@ def generate_tickets(rows: int, seed: int = 7) -> pd.DataFrame:
         texts.append(" ".join(words))
     # Numeric and categorical features carry a category signal (noisy, so the model has work to do)
     # and the text carries a clean one, so both the tabular model and the search have something real.
-    channel_p = np.array([[0.55, 0.15, 0.2, 0.1], [0.15, 0.55, 0.1, 0.2], [0.2, 0.1, 0.15, 0.55], [0.1, 0.2, 0.55, 0.15]])
+    channel_p = np.array([[0.55, 0.15, 0.2, 0.1], [0.15, 0.55, 0.1, 0.2], [0.2, 0.1, 0.15, 0.55],
+                          [0.1, 0.2, 0.55, 0.15]])
     plan_p = np.array([[0.1, 0.5, 0.4], [0.3, 0.3, 0.4], [0.6, 0.3, 0.1], [0.34, 0.33, 0.33]])
     u1, u2 = rng.random(rows), rng.random(rows)
     channel = np.array(CHANNELS, dtype=object)[(u1[:, None] > channel_p[label_idx].cumsum(axis=1)).sum(axis=1)]

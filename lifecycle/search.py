@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from lifecycle.encoder import load_encoder, prepare_texts
 from lifecycle.encoder import encode as encode_texts
+from lifecycle.encoder import load_encoder, prepare_texts
 from lifecycle.errors import LifecycleError
 
 if TYPE_CHECKING:
@@ -125,8 +125,9 @@ class Searcher:
         """Like `search`, for a vector already embedded."""
         if not 1 <= k <= MAX_K:
             raise LifecycleError(f"search: k must be between 1 and {MAX_K}, got {k}")
-        query = (self._table.search(np.asarray(vector, dtype=np.float32), vector_column_name=VECTOR)
-                 .distance_type(self.distance_type).limit(k)
+        # A vector query builder (LanceDB types `search` as the base builder, without distance_type).
+        builder: Any = self._table.search(np.asarray(vector, dtype=np.float32), vector_column_name=VECTOR)
+        query = (builder.distance_type(self.distance_type).limit(k)
                  .select([ID, TEXT, *self.metadata_columns, "_distance"]))
         if where:
             query = query.where(where, prefilter=True)

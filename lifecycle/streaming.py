@@ -60,14 +60,14 @@ def _hash_array(arr: pa.Array, valid: "hashlib._Hash", lengths: "hashlib._Hash",
             arr = pc.fill_null(arr, "")
         width = np.int64 if pa.types.is_large_string(kind) else np.int32
         offsets = np.frombuffer(arr.buffers()[1], dtype=width)[arr.offset:arr.offset + len(arr) + 1]
-        lengths.update(np.diff(offsets).astype(np.int64))
+        lengths.update(np.diff(offsets).astype(np.int64).data)
         data = arr.buffers()[2]
         if data is not None and offsets[-1] > offsets[0]:
             values.update(memoryview(data)[int(offsets[0]):int(offsets[-1])])
     elif pa.types.is_integer(kind) or pa.types.is_floating(kind):
         if arr.null_count:
             arr = pc.fill_null(arr, pa.scalar(0, kind))
-        values.update(np.ascontiguousarray(arr.to_numpy()))
+        values.update(np.ascontiguousarray(arr.to_numpy()).data)
     else:  # not produced by target_schema; correct, if slow, for anything else
         values.update(repr(arr.to_pylist()).encode())
 
@@ -115,7 +115,7 @@ def prefetch(items: Iterator[T], depth: int = 2) -> Iterator[T]:
                 raise error
             if item is done:
                 return
-            yield item  # type: ignore[misc]
+            yield item
     finally:
         stop.set()
         thread.join()

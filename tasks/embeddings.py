@@ -174,12 +174,13 @@ def plan_units(store: ObjectStore, spec: DatasetSpec, dataset: DatasetVersion, s
 def read_slice(store: ObjectStore, key: str, columns: list[str], start: int, stop: int) -> pa.Table:
     """Rows [start, stop) of a Parquet object, reading only the row groups that hold them."""
     pf = pq.ParquetFile(store.path(key), filesystem=store.pyarrow_filesystem())
-    groups, first, offset = [], None, 0
+    groups: list[int] = []
+    first, offset = 0, 0
     for g in range(pf.metadata.num_row_groups):
         n = pf.metadata.row_group(g).num_rows
         if offset < stop and offset + n > start:
+            first = first if groups else offset
             groups.append(g)
-            first = offset if first is None else first
         offset += n
     if not groups:
         return pf.schema_arrow.empty_table().select(columns)

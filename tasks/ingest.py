@@ -279,14 +279,16 @@ def _ingest(store: ObjectStore, spec: DatasetSpec, log=None) -> DatasetVersion:
     cleanup = helpers.submit(_cleanup_invisible, store, spec.name, staging)
     closing: list[Future] = []
     pafs = store.pyarrow_filesystem()
-    hasher, parts, rows, labels = ContentHash(), [], 0, set()
+    hasher, rows = ContentHash(), 0
+    parts: list[str] = []
+    labels: set[str] = set()
     writer: pq.ParquetWriter | None = None
     part_rows = 0
     schema = None
     try:
         # Reading and hashing run in the prefetch thread, encoding and uploading here: on two cores
         # the two halves take about as long as each other.
-        for shown, table in prefetch(_hashed(read_source(store, spec), hasher)):
+        for _shown, table in prefetch(_hashed(read_source(store, spec), hasher)):
             schema = table.schema
             if spec.task is not Task.regression and len(labels) < 2:
                 labels.update(v for v in table.column(spec.label_column).unique().to_pylist() if v is not None)
@@ -318,7 +320,8 @@ def _ingest(store: ObjectStore, spec: DatasetSpec, log=None) -> DatasetVersion:
         if spec.task is not Task.regression and len(labels) < 2:
             only = next(iter(labels), "none")
             raise LifecycleError(
-                f"{spec.source}: label column {spec.label_column!r} has one class ({only}); {spec.task.value} needs two or more"
+                f"{spec.source}: label column {spec.label_column!r} has one class ({only}); "
+                f"{spec.task.value} needs two or more"
             )
         version = hasher.hexdigest(str(schema).encode() + spec.name.encode())[:16]
         final = f"datasets/{spec.name}/{version}"
@@ -380,7 +383,7 @@ def _commit(store: ObjectStore, spec: DatasetSpec, version: str, parts: list[str
         parts=moved,
         rows=rows,
         bytes=sum(fs.sizes([store.path(k) for k in moved])),  # one batch of requests, not one per part
-        schema={f.name: str(f.type) for f in schema},
+        schema_={f.name: str(f.type) for f in schema},
         spec_hash=spec.section_hash(),
     )
     store.write_bytes(f"{final}/{MANIFEST}", dump_record(record))

@@ -38,7 +38,7 @@ from prefect.logging import get_run_logger
 from infra_blocks import ObjectStore, VectorStore
 from lifecycle.encoder import EMBED_DIM
 from lifecycle.errors import LifecycleError
-from lifecycle.records import DatasetVersion, EmbeddingSet, IndexVersion, code_version, stable_hash
+from lifecycle.records import DatasetVersion, EmbeddingSet, IndexType, IndexVersion, code_version, stable_hash
 from lifecycle.search import DISTANCE, TEXT
 from lifecycle.spec import DatasetSpec
 from tasks.embeddings import ID, VECTOR, VECTOR_TYPE, arrow_to_vectors
@@ -50,7 +50,7 @@ TIE_TOLERANCE = 1e-5
 # (index type, build parameters, query settings to try in order). Building is the costly step, so each
 # type is built once and its query settings (nprobes, refine_factor, ef) are what the ladder walks.
 # `num_partitions: "sqrt"` means round(sqrt(rows)) partitions (~1,000 rows each at 1M rows).
-Ladder = Sequence[tuple[str, dict[str, Any], Sequence[dict[str, int]]]]
+Ladder = Sequence[tuple[IndexType, dict[str, Any], Sequence[dict[str, int]]]]
 ANN_LADDER: Ladder = (
     ("ivf_flat", {"num_partitions": "sqrt"}, ({"nprobes": 3}, {"nprobes": 5}, {"nprobes": 10}, {"nprobes": 20},
                                               {"nprobes": 50})),
@@ -160,7 +160,7 @@ def exact_neighbours(chunks: Iterator[tuple[np.ndarray, np.ndarray]], queries: n
             top = np.argpartition(cat_d, keep - 1, axis=1)[:, :keep]
             cat_d, cat_id = np.take_along_axis(cat_d, top, 1), np.take_along_axis(cat_id, top, 1)
         best_d, best_id = cat_d, cat_id
-    truth = []
+    truth: list[set[Any]] = []
     for d, ids in zip(best_d, best_id):
         finite = np.isfinite(d)
         d, ids = d[finite], ids[finite]
@@ -262,7 +262,9 @@ def build_index(store: ObjectStore, spec: DatasetSpec, embeddings: EmbeddingSet,
             for built in table.list_indices():
                 table.drop_index(built.name)
     if chosen is None:
-        index_type, query_params, (recall, p50, p95) = "exact", {}, measure(table, q, truth, k, {}, query_ids)
+        index_type: IndexType = "exact"
+        query_params: dict[str, int] = {}
+        recall, p50, p95 = measure(table, q, truth, k, {}, query_ids)
     else:
         index_type, query_params, (recall, p50, p95) = chosen
     tag = dataset_tag(dataset.id)
@@ -284,7 +286,7 @@ def build_index(store: ObjectStore, spec: DatasetSpec, embeddings: EmbeddingSet,
 
 
 def _climb_ladder(table: Any, ladder: Ladder, queries: np.ndarray, query_ids: list[Any], truth: list[set[Any]],
-                  k: int, target: float, tried: list[dict[str, Any]], log: Any) -> tuple[str, dict, tuple] | None:
+                  k: int, target: float, tried: list[dict[str, Any]], log: Any) -> tuple[IndexType, dict, tuple] | None:
     """Build each index type in turn and return the first (type, query params, measures) meeting target."""
     rows = table.count_rows()
     for index_type, build, settings in ladder:

@@ -30,8 +30,18 @@ from lifecycle.features import FeatureSchema, build_schema
 from lifecycle.records import DatasetVersion, EmbeddingSet, TrainedModel, ValidationReport, stable_hash
 from lifecycle.spec import DatasetSpec, Task
 from tasks.policies import retry_unless_user_error
-from tasks.train_data import (EMBEDDING_COLUMN, EVAL_COLUMN, EVAL_ROWS, HOLDOUT_COLUMN, host_arrays,  # noqa: F401
-                              holdout_mask, input_columns, load_frame, load_holdout, matrix_side)
+from tasks.train_data import (  # noqa: F401
+    EMBEDDING_COLUMN,
+    EVAL_COLUMN,
+    EVAL_ROWS,
+    HOLDOUT_COLUMN,
+    holdout_mask,
+    host_arrays,
+    input_columns,
+    load_frame,
+    load_holdout,
+    matrix_side,
+)
 
 TRAIN_SECTIONS = ("train", "split", "numeric_features", "categorical_features", "label_column", "task")
 
@@ -213,7 +223,7 @@ def fit(spec: DatasetSpec, dataset: DatasetVersion, store: ObjectStore, compute:
         if emb_dim:
             counts.append(ddf[EMBEDDING_COLUMN].isna().sum())
         total, held, evaluated, *lacking = client.compute(counts, sync=True)
-        if lacking and lacking[0]:
+        if lacking and lacking[0] and embeddings is not None:
             raise LifecycleError(f"embedding set {embeddings.id} lacks vectors for {int(lacking[0])} row(s) "
                                  f"of dataset version {dataset.id}")
         rows = {"train": int(total - held), "holdout": int(held), "eval": int(evaluated)}
@@ -252,10 +262,19 @@ def log_training_run(target: MlflowTarget, spec: DatasetSpec, dataset: DatasetVe
         (run id, model URI). A failure inside marks the run FAILED; no model is registered here.
     """
     import mlflow
+    from mlflow.data.pandas_dataset import from_pandas
     from mlflow.entities import Metric
 
-    from serving.pyfunc import (BOOSTER_FILE, RUN_ARTIFACT_DIR, SCHEMA_FILE, BoosterPredictor, LifecycleModel,
-                                code_paths, model_signature, pip_requirements)
+    from serving.pyfunc import (
+        BOOSTER_FILE,
+        RUN_ARTIFACT_DIR,
+        SCHEMA_FILE,
+        BoosterPredictor,
+        LifecycleModel,
+        code_paths,
+        model_signature,
+        pip_requirements,
+    )
     from tasks.plots import log_figures
 
     target.apply_env()
@@ -283,8 +302,8 @@ def log_training_run(target: MlflowTarget, spec: DatasetSpec, dataset: DatasetVe
             client.log_batch(run_id, metrics=rounds[i:i + 1000])
         mlflow.log_metrics(result.metrics)
         with warnings.catch_warnings(action="ignore", category=UserWarning):  # "source resolves 2 ways"
-            sample = mlflow.data.from_pandas(result.example, source=store.uri(dataset.path),
-                                             name=f"{spec.name}@{dataset.id}", digest=dataset.id[:8])
+            sample = from_pandas(result.example, source=store.uri(dataset.path),
+                                 name=f"{spec.name}@{dataset.id}", digest=dataset.id[:8])
         mlflow.log_input(sample, context="training", tags={"rows": str(dataset.rows), "version": dataset.id})
         log_figures(result.booster, spec.task, result.y_true, result.raw, result.schema.classes)
         files = Path(tmp) / RUN_ARTIFACT_DIR

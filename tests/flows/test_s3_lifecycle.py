@@ -14,8 +14,8 @@ import flows.ingest
 import tasks.ingest
 from flows.ingest import ingest
 from infra_blocks import MlflowTarget, ObjectStore, ServingTarget, VectorStore
-from lifecycle.errors import LifecycleError, StoreUnavailableError
 from infra_blocks.profiles import Targets
+from lifecycle.errors import LifecycleError, StoreUnavailableError
 from lifecycle.records import EmbeddingSet, ModelVersion, TrainedModel, ValidationReport
 from lifecycle.sample import generate_tickets
 from tasks.ingest import ingest_dataset

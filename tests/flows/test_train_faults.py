@@ -48,8 +48,8 @@ def _attempts(state, task_prefix: str, timeout: float = 30.0) -> int:
     deadline = time.monotonic() + timeout
     with get_client(sync_client=True) as client:
         while True:
-            runs = [r for r in client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-                    if r.name.startswith(task_prefix)]
+            of_run = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            runs = [r for r in client.read_task_runs(flow_run_filter=of_run) if r.name.startswith(task_prefix)]
             settled = bool(runs) and runs[0].state is not None and runs[0].state.is_final()
             if settled or time.monotonic() > deadline:
                 return runs[0].run_count if runs else 0

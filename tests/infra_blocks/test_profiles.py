@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lifecycle.errors import LifecycleError
 from infra_blocks.profiles import apply_profile, load_profile, load_targets
+from lifecycle.errors import LifecycleError
 
 
 def test_local_profile_is_embedded(tmp_path, monkeypatch):

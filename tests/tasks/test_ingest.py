@@ -87,7 +87,8 @@ ROW = b"1,refund please,email,pro,10,1,2.5,0.1,billing\n2,crash again,chat,free,
         ("header_only.csv", GOOD_HEADER, "empty file"),
         ("malformed.csv", GOOD_HEADER + ROW + b"3,x,chat,free,1,1,1,0.1,billing,EXTRA\n", "Expected 9 columns, got 10"),
         ("wrongtype.csv", GOOD_HEADER + ROW + b"3,x,chat,free,old,1,1,0.1,billing\n", "'account_age_days'"),
-        ("missing.csv", GOOD_HEADER.replace(b",plan", b"") + b"1,x,email,10,1,2.5,0.1,billing\n", "missing column(s) plan"),
+        ("missing.csv", GOOD_HEADER.replace(b",plan", b"") + b"1,x,email,10,1,2.5,0.1,billing\n",
+         "missing column(s) plan"),
         ("latin1.csv", GOOD_HEADER + ROW + "3,caf\xe9,chat,free,1,1,1,0.1,billing\n".encode("latin-1"), "invalid UTF8"),
         ("truncated.csv.gz", gzip.compress(GOOD_HEADER + ROW * 2000)[:300], "truncated"),
         ("oneclass.csv", GOOD_HEADER + ROW.replace(b"technical", b"billing"), "has one class (billing)"),
@@ -158,7 +159,8 @@ from infra_blocks import ObjectStore
 from lifecycle.sample import SAMPLE_SPEC
 from lifecycle.spec import parse_spec
 ingest.BLOCK_BYTES, ingest.GROUP_ROWS, ingest.ROWS_PER_PART = 128 << 10, 8192, 32768
-version = ingest.ingest_dataset(ObjectStore(url="file://" + sys.argv[2]), parse_spec({**SAMPLE_SPEC, "source": sys.argv[1]}))
+spec = parse_spec({**SAMPLE_SPEC, "source": sys.argv[1]})
+version = ingest.ingest_dataset(ObjectStore(url="file://" + sys.argv[2]), spec)
 hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps({"rows": version.rows, "peak_mb": int(hwm.split()[1]) / 1024}))
 """

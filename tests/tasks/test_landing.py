@@ -9,9 +9,20 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from lifecycle.errors import LifecycleError
-from tasks.landing import (LANDED_EVENT, LandedObject, Watermark, dataset_of, landed_event, list_landing,
-                           load_watermark, notified_objects, parse_notification, plan_scan, read_notification,
-                           save_watermark)
+from tasks.landing import (
+    LANDED_EVENT,
+    LandedObject,
+    Watermark,
+    dataset_of,
+    landed_event,
+    list_landing,
+    load_watermark,
+    notified_objects,
+    parse_notification,
+    plan_scan,
+    read_notification,
+    save_watermark,
+)
 
 T0 = datetime(2026, 5, 1, 12, 0, tzinfo=timezone.utc)
 
