@@ -110,7 +110,7 @@ def raw_csv_pipeline(csv: Path, spec, pafs, path: str) -> None:
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    from tasks.ingest import target_schema
+    from tasks.sources import target_schema
 
     types = {f.name: f.type for f in target_schema(spec, pa.int64())}
     reader = pacsv.open_csv(csv, convert_options=pacsv.ConvertOptions(column_types=types,
@@ -137,7 +137,8 @@ def throughput(rows: int, repeat: int, workdir: Path, endpoint: str, before=None
     import pyarrow.parquet as pq
 
     from infra_blocks import ObjectStore
-    from tasks.ingest import ingest_dataset, read_source
+    from tasks.ingest import ingest_dataset
+    from tasks.sources import read_source
 
     csv = workdir / f"tickets-{rows}.csv"
     t0 = time.perf_counter()

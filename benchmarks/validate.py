@@ -45,7 +45,7 @@ def stage_frame(frame: pd.DataFrame, spec) -> pd.DataFrame:
     """`frame` with the dataset schema and the dtypes `read_frame` gives a stored version."""
     import pyarrow as pa
 
-    from tasks.ingest import target_schema
+    from tasks.sources import target_schema
 
     id_type = pa.int64() if pd.api.types.is_integer_dtype(frame[spec.id_column]) else pa.string()
     schema = target_schema(spec, id_type)

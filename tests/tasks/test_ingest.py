@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 import tasks.ingest
+import tasks.sources
 from lifecycle.errors import LifecycleError
 from lifecycle.sample import generate_tickets
 from tasks.ingest import ingest_dataset, read_dataset
@@ -61,7 +62,7 @@ def test_folder_and_gzip_sources(lake, sample_spec, sample_files, tmp_path):
 def test_version_does_not_depend_on_batches_or_parts(lake, sample_spec, monkeypatch):
     whole = ingest_dataset(lake, sample_spec)
     rows = read_dataset(lake, whole)
-    monkeypatch.setattr(tasks.ingest, "BLOCK_BYTES", 4 << 10)  # ~40 rows a batch
+    monkeypatch.setattr(tasks.sources, "BLOCK_BYTES", 4 << 10)  # ~40 rows a batch
     monkeypatch.setattr(tasks.ingest, "ROWS_PER_PART", 100)
     lake.delete("datasets")
     small = ingest_dataset(lake, sample_spec)
@@ -155,10 +156,11 @@ def test_leftovers_of_a_failed_run_are_removed(lake, sample_spec):
 PEAK = """
 import json, sys
 import tasks.ingest as ingest
+import tasks.sources as sources
 from infra_blocks import ObjectStore
 from lifecycle.sample import SAMPLE_SPEC
 from lifecycle.spec import parse_spec
-ingest.BLOCK_BYTES, ingest.GROUP_ROWS, ingest.ROWS_PER_PART = 128 << 10, 8192, 32768
+sources.BLOCK_BYTES, sources.GROUP_ROWS, ingest.ROWS_PER_PART = 128 << 10, 8192, 32768
 spec = parse_spec({**SAMPLE_SPEC, "source": sys.argv[1]})
 version = ingest.ingest_dataset(ObjectStore(url="file://" + sys.argv[2]), spec)
 hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
@@ -185,7 +187,7 @@ def test_ingest_memory_does_not_grow_with_the_file(tmp_path):
     --memory-mb 2048` measures the default settings on a 2 GB CSV. Arrow's readers keep up to 32 blocks
     in flight, so the default block size itself must stay small.
     """
-    assert tasks.ingest.BLOCK_BYTES * 32 <= 128 << 20
+    assert tasks.sources.BLOCK_BYTES * 32 <= 128 << 20
     peaks, sizes = {}, {}
     for rows in (200_000, 800_000):
         csv = tmp_path / f"t{rows}.csv"
