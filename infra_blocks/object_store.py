@@ -3,6 +3,11 @@
 One block for a local file lake (`file:///…`), S3, MinIO or Ceph RGW (`s3://bucket/prefix` with an
 `endpoint_url`). All I/O goes through fsspec (and pyarrow's filesystem for Parquet), so stages never
 branch on the kind of store: pointing the block at another URL is the only change production needs.
+
+Credentials stay in the credentials block: with a prefect-aws `AwsCredentials`, every client (s3fs,
+pyarrow, delta-rs/LanceDB options) is built from what its boto3 session resolved (keys, session
+token, profile, assumed role, region) and from its client parameters (endpoint, TLS), so a profile or
+temporary credentials work exactly as they do for the block's own boto3 clients.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import re
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import fsspec
 from prefect.blocks.core import Block
@@ -87,6 +92,31 @@ def unreachable_error(where: str, endpoint: str | None, exc: BaseException) -> S
                                  f"({reason})")
 
 
+class S3Access(NamedTuple):
+    """What every S3 client of a store is built from, resolved once per call from the block's settings."""
+
+    key: str | None = None
+    secret: str | None = None
+    token: str | None = None
+    region: str | None = None
+    endpoint_url: str | None = None
+    verify: bool | str | None = None  # False: no certificate check; a path: CA bundle; None: client default
+    use_ssl: bool = True
+    config: dict[str, Any] = {}
+    anonymous: bool = False
+
+
+@functools.lru_cache(maxsize=16)
+def _session_credentials(creds: AwsCredentials) -> tuple[Any, str | None]:
+    """(botocore credentials, region) of the block's boto3 session, cached per block settings.
+
+    A session costs ~35 ms to build, and stores build clients per object. The credentials object is kept,
+    not its values: `get_frozen_credentials()` refreshes temporary ones (assumed role, SSO) when due.
+    """
+    session = creds.get_boto3_session()
+    return session.get_credentials(), session.region_name
+
+
 class ObjectStore(Block):
     """An object store root (file lake or S3-compatible bucket prefix) used for all lifecycle data.
 
@@ -94,7 +124,8 @@ class ObjectStore(Block):
         url: Root of the store, e.g. `file:///srv/lake` or `s3://ml-lake/lifecycle`.
         endpoint_url: S3 API endpoint for MinIO / Ceph RGW / a test server; None for AWS.
         region: S3 region name.
-        aws_credentials: A prefect-aws `AwsCredentials` block; takes precedence over the keys below.
+        aws_credentials: A prefect-aws `AwsCredentials` block; its session's credentials replace the keys
+            below, its region and client parameters apply where `region` / `endpoint_url` are unset.
         access_key_id: Access key id when not using `aws_credentials`.
         secret_access_key: Secret key when not using `aws_credentials`.
         max_attempts: Attempts per S3 request inside the clients (botocore, s3fs, pyarrow).
@@ -109,7 +140,8 @@ class ObjectStore(Block):
     endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, Ceph RGW); None for AWS.")
     region: str | None = Field(None, description="S3 region.")
     aws_credentials: AwsCredentials | None = Field(
-        None, description="prefect-aws AwsCredentials block; overrides the key fields when set."
+        None, description="prefect-aws AwsCredentials block: its session's credentials (keys, token, profile, "
+        "role) replace the key fields; its region and client parameters apply where the store sets none."
     )
     access_key_id: str | None = Field(None, description="S3 access key id.")
     secret_access_key: SecretStr | None = Field(None, description="S3 secret access key.")
@@ -125,36 +157,89 @@ class ObjectStore(Block):
     def protocol(self) -> str:
         return self.url.split("://", 1)[0] if "://" in self.url else "file"
 
-    def _keys(self) -> tuple[str | None, str | None]:
+    def _endpoint(self) -> str | None:
+        """The S3 endpoint in use: the store's own, else the credentials' client parameters' (no session)."""
+        if self.endpoint_url or self.aws_credentials is None:
+            return self.endpoint_url
+        return self.aws_credentials.aws_client_parameters.endpoint_url
+
+    def s3_access(self) -> S3Access:
+        """Credentials, region, endpoint and TLS settings for this store's S3 clients.
+
+        With `aws_credentials`: the keys its boto3 session resolved (explicit keys, session token,
+        profile, assumed role or the environment), the store's region or else the session's, the
+        store's endpoint or else the client parameters', and their `verify`/`use_ssl`/`config`.
+        """
         creds = self.aws_credentials
-        if creds is not None:
-            secret = creds.aws_secret_access_key
-            return creds.aws_access_key_id, secret.get_secret_value() if secret else None
-        secret = self.secret_access_key.get_secret_value() if self.secret_access_key else None
-        return self.access_key_id, secret
+        if creds is None:
+            secret = self.secret_access_key.get_secret_value() if self.secret_access_key else None
+            return S3Access(key=self.access_key_id, secret=secret, region=self.region, endpoint_url=self.endpoint_url)
+        resolved, session_region = _session_credentials(creds)
+        frozen = resolved.get_frozen_credentials() if resolved is not None else None
+        params = creds.aws_client_parameters
+        config = dict(params.config or {})
+        anonymous = str(config.get("signature_version", "")).lower() == "unsigned"
+        if anonymous:
+            config.pop("signature_version")
+        return S3Access(
+            key=frozen.access_key if frozen else None, secret=frozen.secret_key if frozen else None,
+            token=frozen.token if frozen else None, region=self.region or session_region,
+            endpoint_url=self._endpoint(),
+            verify=str(params.verify_cert_path) if params.verify_cert_path else (
+                str(params.verify) if params.verify not in (None, True, False) else params.verify),
+            use_ssl=params.use_ssl, config=config, anonymous=anonymous,
+        )
 
     def storage_options(self) -> dict[str, Any]:
         """fsspec options for this store (for s3fs, dask, pandas)."""
         if self.protocol != "s3":
             return {}
-        key, secret = self._keys()
+        access = self.s3_access()
         client_kwargs: dict[str, Any] = {}
-        if self.endpoint_url:
-            client_kwargs["endpoint_url"] = self.endpoint_url
-        if self.region:
-            client_kwargs["region_name"] = self.region
+        if access.endpoint_url:
+            client_kwargs["endpoint_url"] = access.endpoint_url
+        if access.region:
+            client_kwargs["region_name"] = access.region
+        if access.verify is not None:
+            client_kwargs["verify"] = access.verify
         # No listings cache: objects written through pyarrow or by other processes (Dask workers) would
         # otherwise stay invisible to `exists`/`find` on a cached listing.
         opts: dict[str, Any] = {"client_kwargs": client_kwargs, "use_listings_cache": False}
-        config: dict[str, Any] = {}
+        config: dict[str, Any] = dict(access.config)
         if self.max_attempts:
             config["retries"] = {"max_attempts": self.max_attempts, "mode": "standard"}
         if self.connect_timeout:
             config["connect_timeout"] = self.connect_timeout
         if config:
             opts["config_kwargs"] = config
-        if key:
-            opts.update(key=key, secret=secret)
+        if not access.use_ssl:
+            opts["use_ssl"] = False
+        if access.anonymous:
+            opts["anon"] = True
+        elif access.key:
+            opts.update(key=access.key, secret=access.secret)
+            if access.token:
+                opts["token"] = access.token
+        return opts
+
+    def object_store_options(self) -> dict[str, str]:
+        """Storage options for Rust object_store clients: delta-rs and LanceDB (`aws_*` keys, strings).
+
+        delta-rs adds its own commit-safety option (`conditional_put: etag` on S3) on top of these.
+        """
+        if self.protocol != "s3":
+            return {}
+        access = self.s3_access()
+        values = {"aws_access_key_id": access.key, "aws_secret_access_key": access.secret,
+                  "aws_session_token": access.token, "aws_region": access.region, "aws_endpoint": access.endpoint_url}
+        opts = {k: v for k, v in values.items() if v}
+        if access.anonymous:
+            opts = {k: v for k, v in opts.items() if k in ("aws_region", "aws_endpoint")}
+            opts["aws_skip_signature"] = "true"
+        if (access.endpoint_url or "").startswith("http://") or (not access.endpoint_url and not access.use_ssl):
+            opts["allow_http"] = "true"
+        if access.verify is False:
+            opts["allow_invalid_certificates"] = "true"
         return opts
 
     def filesystem(self) -> fsspec.AbstractFileSystem:
@@ -176,7 +261,7 @@ class ObjectStore(Block):
             raise
         except Exception as exc:
             if is_unreachable(exc):
-                raise unreachable_error(self.uri(key), self.endpoint_url, exc) from exc
+                raise unreachable_error(self.uri(key), self._endpoint(), exc) from exc
             raise
 
     def _root(self) -> str:
@@ -231,7 +316,7 @@ class ObjectStore(Block):
         root = self._root() + "/"
         return sorted(p[len(root):] if p.startswith(root) else p for p in found)
 
-    def delete(self, prefix: str) -> None:
+    def delete(self, prefix: str) -> None:  # type: ignore[override]  # the store API; Block.delete is a classmethod
         target = self.path(prefix)
         with self.unreachable_as_error(prefix):
             fs = self.filesystem()
@@ -256,20 +341,28 @@ class ObjectStore(Block):
                 fs.copy(src, dst)
                 fs.rm(src)
 
-    def pyarrow_filesystem(self):
-        """A pyarrow filesystem for Parquet I/O, with paths from `path()` (one per settings, reused)."""
+    def pyarrow_filesystem(self) -> Any:
+        """A pyarrow filesystem for Parquet I/O, with paths from `path()` (one per settings, reused).
+
+        pyarrow has no switch to skip certificate checks: `verify=False` is not honoured here (a CA
+        bundle path is).
+        """
         from pyarrow import fs as pafs
 
         if self.protocol != "s3":
             return pafs.LocalFileSystem()
-        key, secret = self._keys()
-        return _pyarrow_s3(key, secret, self.endpoint_url, self.region or "us-east-1", self.max_attempts,
-                           self.connect_timeout)
+        a = self.s3_access()
+        endpoint = a.endpoint_url or ""
+        scheme = endpoint.split("://", 1)[0] if "://" in endpoint else ("https" if a.use_ssl else "http")
+        return _pyarrow_s3(a.key, a.secret, a.token, endpoint.split("://", 1)[-1] or None, scheme,
+                           a.region or "us-east-1", a.verify if isinstance(a.verify, str) else None, a.anonymous,
+                           self.max_attempts, self.connect_timeout)
 
 
 @functools.lru_cache(maxsize=16)
-def _pyarrow_s3(key: str | None, secret: str | None, endpoint_url: str | None, region: str,
-                max_attempts: int | None, connect_timeout: float | None):
+def _pyarrow_s3(key: str | None, secret: str | None, token: str | None, endpoint: str | None, scheme: str,
+                region: str, ca_file: str | None, anonymous: bool, max_attempts: int | None,
+                connect_timeout: float | None) -> Any:
     """A pyarrow S3FileSystem, cached: building one costs ~70 ms, and stages ask for it per part."""
     from pyarrow import fs as pafs
 
@@ -278,11 +371,10 @@ def _pyarrow_s3(key: str | None, secret: str | None, endpoint_url: str | None, r
         extra["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts)
     if connect_timeout:
         extra["connect_timeout"] = connect_timeout
-    return pafs.S3FileSystem(
-        access_key=key,
-        secret_key=secret,
-        endpoint_override=(endpoint_url or "").split("://", 1)[-1] or None,
-        scheme="http" if (endpoint_url or "").startswith("http://") else "https",
-        region=region,
-        **extra,
-    )
+    if ca_file:
+        extra["tls_ca_file_path"] = ca_file
+    if anonymous:
+        extra["anonymous"] = True
+    else:
+        extra.update(access_key=key, secret_key=secret, session_token=token)
+    return pafs.S3FileSystem(endpoint_override=endpoint, scheme=scheme, region=region, **extra)

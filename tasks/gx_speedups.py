@@ -9,18 +9,32 @@ acts only on the threads of the runs that asked for it. `tests/tasks/test_gx_spe
 that verdicts, counts and failure details are those of GX unpatched, and that a run on another thread
 keeps whole rows; Data Docs pages are the same but for the batch fingerprint row, no longer computed.
 
+Each fix patches GX internals, not its API, so each declares the GX versions it was written against
+and the shape of what it patches (an attribute's parameters or type). Before the first install in a
+process both are checked; a fix that does not match, or whose install raises, is left off for the rest
+of the process with one warning, and GX runs unpatched: a speed-up must never take the quality gate
+down. Widen `GX_VERSIONS` only after `tests/tasks/test_gx_speedups.py` passed on the new version.
+
 GX is imported inside the functions: it costs seconds to import.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import logging
+import numbers
 import threading
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-
 Undo = Callable[[], None]
+# The GX releases whose internals the fixes below were read from and tested on (exact: GX moves its
+# internals in patch releases too).
+GX_VERSIONS = ("1.24.1",)
 
 
 def frame_fingerprint_skipped() -> Undo:
@@ -111,15 +125,92 @@ def templates_compiled_once() -> Undo:
     return undo
 
 
-SPEEDUPS: dict[str, Callable[[], Undo]] = {
-    "fingerprint": frame_fingerprint_skipped,
-    "narrow": column_domains_narrowed,
-    "templates": templates_compiled_once,
+@dataclass(frozen=True)
+class Speedup:
+    """One fix and what it relies on, checked before it is installed.
+
+    Attributes:
+        install: Patches GX and returns the function that undoes it.
+        module: The GX module that holds the patched attribute.
+        attribute: The attribute inside `module`, dotted (`Class.method`).
+        expects: The callable's parameter names, or the type of a plain value.
+        gx_versions: The GX versions the fix was written against.
+    """
+
+    install: Callable[[], Undo]
+    module: str
+    attribute: str
+    expects: tuple[str, ...] | type
+    gx_versions: tuple[str, ...] = GX_VERSIONS
+
+
+SPEEDUPS: dict[str, Speedup] = {
+    "fingerprint": Speedup(frame_fingerprint_skipped, "great_expectations.execution_engine.pandas_execution_engine",
+                           "HASH_THRESHOLD", numbers.Real),
+    "narrow": Speedup(column_domains_narrowed, "great_expectations.execution_engine.pandas_execution_engine",
+                      "PandasExecutionEngine.get_domain_records", ("self", "domain_kwargs")),
+    "templates": Speedup(templates_compiled_once, "great_expectations.render.view.view", "DefaultJinjaView.__init__",
+                         ("self", "custom_styles_directory", "custom_views_directory")),
 }
 _lock = threading.Lock()
 _users: dict[str, int] = {}
 _undo: dict[str, Undo] = {}
+_off: dict[str, str] = {}  # fixes left off in this process, and why (each is warned about once)
 _here = threading.local()  # per thread: how many open gx_speedups blocks asked for each fix
+
+
+def gx_version() -> str:
+    """The installed great-expectations version (package metadata: no GX import)."""
+    try:
+        return version("great-expectations")
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def mismatch(speedup: Speedup) -> str | None:
+    """Why a fix does not fit the installed GX (version, missing attribute, other signature), or None."""
+    found = gx_version()
+    if found not in speedup.gx_versions:
+        return f"written for great-expectations {', '.join(speedup.gx_versions)}, found {found}"
+    where = f"{speedup.module}.{speedup.attribute}"
+    try:
+        target: Any = importlib.import_module(speedup.module)
+        for part in speedup.attribute.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError):
+        return f"{where} not found"
+    if isinstance(speedup.expects, type):
+        return None if isinstance(target, speedup.expects) else f"{where} is a {type(target).__name__}"
+    try:
+        names = tuple(inspect.signature(target).parameters)
+    except (TypeError, ValueError):
+        return f"{where} has no signature"
+    return None if names == speedup.expects else f"{where} takes ({', '.join(names)})"
+
+
+def _logger() -> Any:
+    """The Prefect run logger inside a flow or task (the warning lands in the run's logs), else stdlib."""
+    try:
+        from prefect.logging import get_run_logger
+
+        return get_run_logger()
+    except Exception:  # noqa: BLE001 - MissingContextError outside a run
+        return logging.getLogger("lifecycle.gx_speedups")
+
+
+def _install(name: str) -> Undo | None:
+    """Install one fix unless it does not fit or its install raises; then it stays off (caller holds _lock)."""
+    if name in _off:
+        return None
+    speedup = SPEEDUPS[name]
+    reason = mismatch(speedup)
+    if reason is None:
+        try:
+            return speedup.install()
+        except Exception as exc:  # noqa: BLE001 - any failure of a fix means plain GX, never a failed gate
+            reason = f"install failed: {type(exc).__name__}: {exc}"
+    _off[name] = reason
+    return None
 
 
 def _active_here(name: str) -> bool:
@@ -128,7 +219,14 @@ def _active_here(name: str) -> bool:
 
 @contextmanager
 def gx_speedups(names: Collection[str] = tuple(SPEEDUPS)) -> Iterator[None]:
-    """The named fixes (default: all), installed for as long as any run inside this block needs them."""
+    """The named fixes (default: all), installed for as long as any run inside this block needs them.
+
+    A fix that does not fit the installed GX is skipped (one warning per process): the block then runs
+    GX unpatched for it, with GX's own results.
+
+    Raises:
+        ValueError: a name that is no fix (a caller's typo, not a GX change).
+    """
     unknown = set(names) - set(SPEEDUPS)
     if unknown:
         raise ValueError(f"unknown GX speedup(s): {', '.join(sorted(unknown))}")
@@ -137,12 +235,20 @@ def gx_speedups(names: Collection[str] = tuple(SPEEDUPS)) -> Iterator[None]:
     mine: dict[str, int] = _here.__dict__.setdefault("names", {})
     try:
         with _lock:
+            warned = set(_off)
             for name in wanted:
                 if not _users.get(name):
-                    _undo[name] = SPEEDUPS[name]()
+                    undo = _install(name)
+                    if undo is None:
+                        continue
+                    _undo[name] = undo
                 _users[name] = _users.get(name, 0) + 1
                 entered.append(name)
                 mine[name] = mine.get(name, 0) + 1
+            new = [n for n in wanted if n in _off and n not in warned]
+            if new:
+                _logger().warning("GX speed-ups off, running plain Great Expectations: %s",
+                                  "; ".join(f"{n} ({_off[n]})" for n in new))
         yield
     finally:
         with _lock:

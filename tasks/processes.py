@@ -1,9 +1,11 @@
 """Long-running helper processes (servers, workers): each in its own process group, recorded by PID
-and start time, stopped by group.
+and start time, stopped as a whole process tree.
 
-Why a group: `prefect server start` and `mlflow server` fork uvicorn workers, and a worker forks flow
-runs; signalling the group reaches them all. Why the start time: a PID recorded in a file may belong to
-another process by the time `lifecycle down` reads it.
+Why a group and a tree: `prefect server start` and `mlflow server` fork uvicorn workers, and a worker
+forks flow runs; signalling the group reaches them all, and the tree (psutil's `children(recursive=True)`,
+taken before the first signal) also reaches descendants that moved to a group of their own. Why the
+start time: a PID recorded in a file may belong to another process by the time `lifecycle down` reads
+it; psutil's `create_time()` tells them apart.
 """
 
 from __future__ import annotations
@@ -16,9 +18,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
 from pydantic import BaseModel
 
 from lifecycle.errors import LifecycleError
+
+# Two readings of one process's create_time agree to the clock tick; a recycled PID differs by far more.
+_SAME_START_S = 0.05
 
 
 class Started(BaseModel):
@@ -26,20 +32,22 @@ class Started(BaseModel):
 
     name: str
     pid: int
-    start_ticks: int = 0
+    create_time: float = 0.0
     url: str | None = None
     log: str
 
 
-
-def _start_ticks(pid: int) -> int:
-    """The process's start time in clock ticks (/proc), so a recycled PID is never mistaken for ours;
-    0 when it is gone or a zombie (exited, not yet reaped)."""
+def _process(pid: int, create_time: float = 0.0) -> psutil.Process | None:
+    """The live process `pid` if it is the one started at `create_time` (0: any); None when gone or a zombie."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return 0 if fields[0] in ("Z", "X") else int(fields[19])
-    except (OSError, IndexError, ValueError):
-        return 0
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        if create_time and abs(proc.create_time() - create_time) > _SAME_START_S:
+            return None
+        return proc
+    except psutil.Error:
+        return None
 
 
 def start_process(name: str, argv: list[str], env: dict[str, str], log: Path, cwd: Path | None = None,
@@ -49,7 +57,8 @@ def start_process(name: str, argv: list[str], env: dict[str, str], log: Path, cw
     with open(log, "ab") as out:
         proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-    return Started(name=name, pid=proc.pid, start_ticks=_start_ticks(proc.pid), url=url, log=str(log))
+    found = _process(proc.pid)
+    return Started(name=name, pid=proc.pid, create_time=found.create_time() if found else 0.0, url=url, log=str(log))
 
 
 def _tail(path: str, lines: int = 15) -> str:
@@ -60,8 +69,8 @@ def _tail(path: str, lines: int = 15) -> str:
 
 
 def is_running(started: Started) -> bool:
-    ticks = _start_ticks(started.pid)
-    return ticks != 0 and (started.start_ticks == 0 or ticks == started.start_ticks)
+    """True while the recorded process itself (same PID and start time) is alive and not a zombie."""
+    return _process(started.pid, started.create_time) is not None
 
 
 def wait_until_ok(get: Callable[[], Any], failed: Callable[[], str | None], timeout_s: float,
@@ -102,27 +111,41 @@ def wait_http(started: Started, url: str, timeout_s: float = 90.0) -> None:
                   f"{started.name} did not answer {url} within {timeout_s:.0f}s (log {started.log})")
 
 
+def _signal(procs: list[psutil.Process], sig: int) -> None:
+    for proc in procs:
+        try:
+            proc.send_signal(sig)
+        except psutil.Error:
+            pass
+
+
 def stop_process(started: Started, grace_s: float = 15.0) -> bool:
-    """Stop a recorded process group: SIGINT (a Prefect worker ignores SIGTERM while its server is up),
-    then SIGTERM, then SIGKILL. Returns False when it was not running (or the PID is no longer ours)."""
-    if not is_running(started):
+    """Stop a recorded process and its whole tree: SIGINT (a Prefect worker ignores SIGTERM while its server
+    is up), then SIGTERM, then SIGKILL, each to the group and to every descendant still alive.
+
+    Returns:
+        False when it was not running (or the PID is no longer ours), else whether it is gone now.
+    """
+    leader = _process(started.pid, started.create_time)
+    if leader is None:
         return False
+    try:
+        tree = [leader, *leader.children(recursive=True)]
+    except psutil.Error:
+        tree = [leader]
     for sig, wait in ((signal.SIGINT, grace_s), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(started.pid, sig)
-        except ProcessLookupError:
-            return True
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
+        except (ProcessLookupError, PermissionError):
+            pass
+        _signal(tree, sig)
+        _gone, alive = psutil.wait_procs(tree, timeout=wait)  # reaps our own child, so no zombie is left
+        if leader not in alive:
+            _signal(alive, signal.SIGKILL)  # leftovers of the tree (flow runs, uvicorn workers)
             try:
-                os.waitpid(started.pid, os.WNOHANG)
-            except ChildProcessError:
+                os.killpg(started.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
                 pass
-            if not is_running(started):
-                try:
-                    os.killpg(started.pid, signal.SIGKILL)  # leftovers of the group (flow runs, uvicorn workers)
-                except ProcessLookupError:
-                    pass
-                return True
-            time.sleep(0.2)
+            return True
+        tree = alive
     return not is_running(started)

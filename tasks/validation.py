@@ -26,9 +26,9 @@ from prefect import task
 
 from infra_blocks import ObjectStore
 from lifecycle.errors import QuarantinedError
-from tasks.gx_speedups import SPEEDUPS, gx_speedups
 from lifecycle.records import DatasetVersion, FailedExpectation, ValidationReport, code_version, stable_hash
 from lifecycle.spec import DatasetSpec, Task
+from tasks.gx_speedups import SPEEDUPS, gx_speedups
 from tasks.policies import retry_unless_user_error
 
 if TYPE_CHECKING:
@@ -100,7 +100,8 @@ def build_expectations(spec: DatasetSpec) -> list[Expectation]:
             out.append(gxe.ExpectColumnValuesToBeBetween(column=col, min_value=bounds.min, max_value=bounds.max))
 
     if exp.max_null_fraction < 1:
-        features = [*spec.numeric_features, *spec.categorical_features, *([spec.text_column] if spec.text_column else [])]
+        text = [spec.text_column] if spec.text_column else []
+        features = [*spec.numeric_features, *spec.categorical_features, *text]
         mostly = round(1.0 - exp.max_null_fraction, 12)
         out += [gxe.ExpectColumnValuesToNotBeNull(column=c, mostly=mostly) for c in features if c not in strict]
     out.append(gxe.ExpectTableRowCountToBeBetween(min_value=exp.min_rows, max_value=exp.max_rows))
@@ -133,7 +134,8 @@ def describe_failure(expectation: str, kwargs: dict[str, Any], result: dict[str,
         return "column not found"
     if result.get("unexpected_count") is not None:
         count = int(result["unexpected_count"])
-        detail = f"{count} row{'s' if count != 1 else ''} unexpected ({_percent(result.get('unexpected_percent') or 0.0)}"
+        share = _percent(result.get("unexpected_percent") or 0.0)
+        detail = f"{count} row{'s' if count != 1 else ''} unexpected ({share}"
         mostly = kwargs.get("mostly")
         if mostly is not None and mostly < 1:
             detail += f", at most {_percent((1 - mostly) * 100)} allowed"
@@ -152,7 +154,8 @@ def describe_failure(expectation: str, kwargs: dict[str, Any], result: dict[str,
     expected = ""
     if low is not None or high is not None:
         expected = f" (expected {'>= ' + _short(low) if low is not None else ''}"
-        expected += (", " if low is not None and high is not None else "") + (f"<= {_short(high)}" if high is not None else "")
+        expected += ", " if low is not None and high is not None else ""
+        expected += f"<= {_short(high)}" if high is not None else ""
         expected += ")"
     return f"observed {_short(observed)}{expected}" if observed is not None else "failed"
 
@@ -246,7 +249,9 @@ def validate_frame(frame: pd.DataFrame, spec: DatasetSpec, run_name: str, docs_d
     import great_expectations as gx
     from great_expectations.core.run_identifier import RunIdentifier
     from great_expectations.data_context.types.base import (
-        DataContextConfig, InMemoryStoreBackendDefaults, ProgressBarsConfig,
+        DataContextConfig,
+        InMemoryStoreBackendDefaults,
+        ProgressBarsConfig,
     )
 
     site = {"class_name": "SiteBuilder", "show_how_to_buttons": False,
@@ -270,7 +275,8 @@ def validate_frame(frame: pd.DataFrame, spec: DatasetSpec, run_name: str, docs_d
                                 run_id=RunIdentifier(run_name=run_name))
     (suite_result,) = result.run_results.values()
     rank = {e.id: i for i, e in enumerate(suite.expectations)}  # report in suite order, not GX's
-    ordered = sorted(suite_result.results, key=lambda r: rank.get(r.expectation_config.id, len(rank)))
+    ordered = sorted(suite_result.results,
+                     key=lambda r: rank.get(r.expectation_config.id if r.expectation_config else None, len(rank)))
     evaluated = int(suite_result.statistics.get("evaluated_expectations", len(suite_result.results)))
     return bool(result.success), evaluated, summarize(ordered)
 

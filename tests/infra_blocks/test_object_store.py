@@ -147,3 +147,100 @@ def test_retry_policy_retries_an_unreachable_store_not_bad_input():
     assert retry_unless_user_error(None, None, state_of(StoreUnavailableError("s3://b: cannot reach"))) is True
     assert retry_unless_user_error(None, None, state_of(LifecycleError("bad.csv: empty file"))) is False
     assert retry_unless_user_error(None, None, state_of(ConnectionResetError())) is True
+
+
+# --- AwsCredentials: clients built from the block's own session and client parameters -----------------
+
+def _round_trip(store: ObjectStore, key: str) -> None:
+    """Write and read back through both clients (s3fs and pyarrow) on the real endpoint."""
+    store.write_bytes(f"{key}/x.txt", b"through the credentials block")
+    assert store.read_bytes(f"{key}/x.txt") == b"through the credentials block"
+    pafs = store.pyarrow_filesystem()
+    pq.write_table(pa.table({"x": [1, 2]}), store.path(f"{key}/p.parquet"), filesystem=pafs)
+    assert pq.read_table(store.path(f"{key}/p.parquet"), filesystem=pafs).column("x").to_pylist() == [1, 2]
+
+
+def _pyarrow_settings(store: ObjectStore) -> dict:
+    return store.pyarrow_filesystem().__reduce__()[1][0]
+
+
+def test_session_token_and_region_reach_every_client(s3_lake):
+    from prefect_aws import AwsCredentials
+
+    creds = AwsCredentials(aws_access_key_id=S3_KEY, aws_secret_access_key=S3_SECRET,
+                           aws_session_token="session-token-1", region_name="eu-west-1")
+    store = s3_lake.model_copy(update={"access_key_id": None, "secret_access_key": None, "region": None,
+                                       "aws_credentials": creds})
+    _round_trip(store, "token")
+    client = store.filesystem().s3  # the s3fs client that just served the round trip
+    assert client._request_signer._credentials.token == "session-token-1"
+    assert client.meta.region_name == "eu-west-1"
+    arrow = _pyarrow_settings(store)
+    assert (arrow["access_key"], arrow["session_token"], arrow["region"]) == (S3_KEY, "session-token-1", "eu-west-1")
+    assert store.object_store_options() == {
+        "aws_access_key_id": S3_KEY, "aws_secret_access_key": S3_SECRET, "aws_session_token": "session-token-1",
+        "aws_region": "eu-west-1", "aws_endpoint": s3_lake.endpoint_url, "allow_http": "true"}
+    own_region = s3_lake.model_copy(update={"region": "us-east-1", "aws_credentials": creds})
+    assert own_region.s3_access().region == "us-east-1"  # the store's own region wins
+
+
+def test_a_profile_from_the_aws_config_files_is_honoured(s3_lake, tmp_path, monkeypatch):
+    from prefect_aws import AwsCredentials
+
+    (tmp_path / "config").write_text("[profile lifecycle-profile-test]\nregion = eu-central-1\n")
+    (tmp_path / "credentials").write_text("[lifecycle-profile-test]\naws_access_key_id = profile-key\n"
+                                          "aws_secret_access_key = profile-secret\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                 "AWS_DEFAULT_REGION", "AWS_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    creds = AwsCredentials(profile_name="lifecycle-profile-test")
+    store = s3_lake.model_copy(update={"access_key_id": None, "secret_access_key": None, "region": None,
+                                       "aws_credentials": creds})
+    options = store.storage_options()
+    assert (options["key"], options["secret"]) == ("profile-key", "profile-secret")
+    assert options["client_kwargs"]["region_name"] == "eu-central-1"
+    _round_trip(store, "profile")
+    arrow = _pyarrow_settings(store)
+    assert (arrow["access_key"], arrow["region"]) == ("profile-key", "eu-central-1")
+
+
+def test_client_parameters_endpoint_and_tls_settings_are_used(s3_lake):
+    from prefect_aws import AwsCredentials
+    from prefect_aws.client_parameters import AwsClientParameters
+
+    creds = AwsCredentials(aws_access_key_id=S3_KEY, aws_secret_access_key=S3_SECRET,
+                           aws_client_parameters=AwsClientParameters(endpoint_url=s3_lake.endpoint_url))
+    store = ObjectStore(url=s3_lake.url, aws_credentials=creds)  # no endpoint of its own
+    assert store.storage_options()["client_kwargs"]["endpoint_url"] == s3_lake.endpoint_url
+    _round_trip(store, "client-params")
+    assert s3_lake.read_bytes("client-params/x.txt") == b"through the credentials block"
+    assert _pyarrow_settings(store)["endpoint_override"] == s3_lake.endpoint_url.split("://", 1)[1]
+
+    plain = AwsCredentials(aws_access_key_id=S3_KEY, aws_secret_access_key=S3_SECRET,
+                           aws_client_parameters=AwsClientParameters(use_ssl=False, verify=False,
+                                                                     config={"max_pool_connections": 4}))
+    insecure = ObjectStore(url="s3://bucket/p", aws_credentials=plain)
+    options = insecure.storage_options()
+    assert options["use_ssl"] is False and options["client_kwargs"]["verify"] is False
+    assert options["config_kwargs"] == {"max_pool_connections": 4}
+    assert _pyarrow_settings(insecure)["scheme"] == "http"
+    assert insecure.object_store_options()["allow_http"] == "true"
+    assert insecure.object_store_options()["allow_invalid_certificates"] == "true"
+
+
+def test_object_store_options_open_a_lancedb_table_on_the_store(s3_lake):
+    """The options Rust clients take (LanceDB here; delta-rs reads the same keys) work on the real endpoint."""
+    import lancedb
+    from prefect_aws import AwsCredentials
+    from prefect_aws.client_parameters import AwsClientParameters
+
+    creds = AwsCredentials(aws_access_key_id=S3_KEY, aws_secret_access_key=S3_SECRET, aws_session_token="t-2",
+                           region_name="us-east-1",
+                           aws_client_parameters=AwsClientParameters(endpoint_url=s3_lake.endpoint_url))
+    store = ObjectStore(url=s3_lake.url, aws_credentials=creds)
+    db = lancedb.connect(store.uri("lancedb"), storage_options=store.object_store_options())
+    db.create_table("rows", pa.table({"x": [1, 2, 3]}))
+    assert db.open_table("rows").to_arrow().column("x").to_pylist() == [1, 2, 3]
+    assert any(k.startswith("lancedb/rows.lance/") for k in s3_lake.list_keys("lancedb"))

@@ -4,14 +4,16 @@ and index columns, and GX is left as it was found."""
 
 from __future__ import annotations
 
+import logging
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from tasks.gx_speedups import SPEEDUPS, gx_speedups
 from lifecycle.sample import SAMPLE_SPEC, generate_tickets
 from lifecycle.spec import parse_spec
+from tasks.gx_speedups import SPEEDUPS, gx_speedups
 
 
 def bad_frame():
@@ -29,8 +31,10 @@ def bad_frame():
 
 
 # What differs between two runs of the same validation: run times, ids.
-VOLATILE = [(r"\d{8}T\d{6}\.\d+Z", "<run>"), (r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(\.\d+)?(\+00:00|Z)?", "<time>"),
-            (r"'_run_time_sort': [\d.]+", "<sort>"), (r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", "<uuid>"),
+VOLATILE = [(r"\d{8}T\d{6}\.\d+Z", "<run>"),
+            (r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(\.\d+)?(\+00:00|Z)?", "<time>"),
+            (r"'_run_time_sort': [\d.]+", "<sort>"),
+            (r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", "<uuid>"),
             (r"[0-9a-f]{32}", "<hex>")]
 
 
@@ -103,8 +107,8 @@ def test_concurrent_validations_give_each_its_own_results(tmp_path):
         frame["ticket_id"] = frame["ticket_id"].astype("Int64")
     alone = [validate_frame(f, spec, f"tickets@{i}", str(tmp_path / f"a{i}")) for i, f in enumerate((good, bad))]
     with ThreadPoolExecutor(2) as pool:
-        together = list(pool.map(lambda i: validate_frame((good, bad)[i], spec, f"tickets@{i}", str(tmp_path / f"t{i}")),
-                                 range(2)))
+        together = list(pool.map(
+            lambda i: validate_frame((good, bad)[i], spec, f"tickets@{i}", str(tmp_path / f"t{i}")), range(2)))
     assert together == alone and alone[0][0] and not alone[1][0]
 
 
@@ -142,17 +146,73 @@ def test_validate_frame_asks_for_no_result_that_reads_other_columns():
     assert RESULT_FORMAT["result_format"] in ("BOOLEAN_ONLY", "BASIC", "SUMMARY")
 
 
-def test_a_fix_that_fails_to_install_leaves_gx_as_it_was(monkeypatch):
+def _patched_state():
     import great_expectations.execution_engine.pandas_execution_engine as engine
+    from great_expectations.render.view.view import DefaultJinjaView
 
+    return engine.HASH_THRESHOLD, engine.PandasExecutionEngine.get_domain_records, DefaultJinjaView.__init__
+
+
+def _speedup_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "lifecycle.gx_speedups" and r.levelno == logging.WARNING]
+
+
+def test_every_fix_fits_the_installed_gx():
+    """The pinned GX: every fix's version, attribute and signature check passes (so all of them run)."""
+    from tasks.gx_speedups import mismatch
+
+    assert {name: mismatch(speedup) for name, speedup in SPEEDUPS.items()} == dict.fromkeys(SPEEDUPS)
+
+
+def test_a_changed_gx_internal_is_named():
+    from tasks.gx_speedups import mismatch
+
+    narrow, fingerprint = SPEEDUPS["narrow"], SPEEDUPS["fingerprint"]
+    assert mismatch(replace(narrow, expects=("self", "domain_kwargs", "table"))) == (
+        "great_expectations.execution_engine.pandas_execution_engine.PandasExecutionEngine.get_domain_records "
+        "takes (self, domain_kwargs)")
+    gone = mismatch(replace(narrow, attribute="PandasExecutionEngine.gone"))
+    assert gone is not None and gone.endswith("PandasExecutionEngine.gone not found")
+    assert str(mismatch(replace(narrow, module="great_expectations.no_such_module"))).endswith("not found")
+    assert str(mismatch(replace(fingerprint, expects=str))).endswith("HASH_THRESHOLD is a float")
+
+
+@pytest.mark.parametrize("how", ["other GX version", "install raises"])
+def test_a_fix_that_does_not_fit_runs_plain_gx_with_one_warning(tmp_path, monkeypatch, caplog, how):
+    """Another GX release, or a fix that raises while installing: the validation still runs, gives GX's own
+    result, leaves GX as it was, and says so once per process."""
     from tasks import gx_speedups as module
+    from tasks.validation import validate_frame
 
     def broken():
         raise ImportError("no such GX internals")
 
-    monkeypatch.setitem(module.SPEEDUPS, "templates", broken)
-    before = (engine.HASH_THRESHOLD, engine.PandasExecutionEngine.get_domain_records)
-    with pytest.raises(ImportError):
-        gx_speedups().__enter__()
-    assert (engine.HASH_THRESHOLD, engine.PandasExecutionEngine.get_domain_records) == before
-    assert not any(module._users.values())
+    spec = parse_spec({**SAMPLE_SPEC, "source": "tickets.csv",
+                       "expectations": {**SAMPLE_SPEC["expectations"], "max_null_fraction": 0.05}})
+    frame = bad_frame()
+    plain = validate_frame(frame, spec, "tickets@plain", str(tmp_path / "plain"), speedups=())
+    before = _patched_state()
+    monkeypatch.setattr(module, "_off", {})  # as in a fresh process
+    if how == "other GX version":
+        monkeypatch.setattr(module, "gx_version", lambda: "1.99.0")
+    else:
+        monkeypatch.setitem(module.SPEEDUPS, "templates", replace(module.SPEEDUPS["templates"], install=broken))
+    caplog.set_level(logging.WARNING, logger="lifecycle.gx_speedups")
+
+    runs = [validate_frame(frame, spec, "tickets@plain", str(tmp_path / f"run{i}")) for i in range(2)]
+    assert runs == [plain, plain]
+    assert _patched_state() == before and not any(module._users.values())
+    (warning,) = _speedup_warnings(caplog)
+    assert warning.startswith("GX speed-ups off, running plain Great Expectations: ")
+    if how == "other GX version":
+        assert set(module._off) == set(SPEEDUPS)
+        assert "narrow (written for great-expectations 1.24.1, found 1.99.0)" in warning
+        with gx_speedups():
+            assert _patched_state() == before  # nothing installed at all
+    else:
+        assert set(module._off) == {"templates"}
+        assert warning.endswith("templates (install failed: ImportError: no such GX internals)")
+        with gx_speedups():  # the fixes that fit still apply
+            assert _patched_state()[0] == 0 and _patched_state()[2] is before[2]
+    assert len(_speedup_warnings(caplog)) == 1
