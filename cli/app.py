@@ -13,7 +13,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from cli.console import RichObserver, console, fail, prepare_env
+from cli.console import RichObserver, console, fail, filtered_stderr, prepare_env
 from cli.models import promote, rollback
 from cli.server import notify, register, up
 from lifecycle.errors import LifecycleError
@@ -71,7 +71,7 @@ def run(
 
         dataset_spec = load_spec(spec or _default_spec(rows))
         targets = load_profile(profile)
-        with _recorded_on_up_server(), console.status("starting…") as status:
+        with filtered_stderr(), _recorded_on_up_server(), console.status("starting…") as status:
             restore = progress.set_observer(RichObserver(status))
             try:
                 result = lifecycle_with_targets(dataset_spec, targets)

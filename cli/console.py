@@ -7,7 +7,13 @@ it and never each other (no cycles).
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, NoReturn
 
 import typer
@@ -65,8 +71,56 @@ class RichObserver:
         colour = {"ran": "green", "cached": "cyan"}.get(status, "yellow")
         console.print(f"  [{colour}]✓[/] {stage:<9} {status:<8} {seconds:7.2f}s")
 
-    def advanced(self, stage: str, done: int, total: int) -> None:
+    def advanced(self, stage: str, done: int, total: int, unit: str = "rows", note: str = "") -> None:
         width = 30
         filled = int(width * done / total) if total else width
         bar = "█" * filled + "░" * (width - filled)
-        self.status.update(f"[bold]{stage}[/] {bar} {done}/{total} rows")
+        self.status.update(f"[bold]{stage}[/] {bar} {done}/{total} {unit}" + (f"  {note}" if note else ""))
+
+
+# Native lines that reach file descriptor 2 directly and tell a console user nothing: xgboost's collective
+# tracker logs one "Task [xgboost.dask-N]:ADDR got rank N" per worker from a thread of its own, where
+# xgboost's Python log callback is not registered (the registry is per thread), so no Python setting
+# reaches it. They go to the `xgboost` logger instead.
+NATIVE_NOISE = re.compile(rb"^\[\d\d:\d\d:\d\d\] Task \[xgboost\.dask-\d+\]:\S+ got rank \d+\s*$")
+
+
+@contextmanager
+def filtered_stderr(noise: re.Pattern[bytes] = NATIVE_NOISE) -> Iterator[None]:
+    """File descriptor 2 through a pipe whose lines matching `noise` go to a logger, the rest to stderr.
+
+    Works at the descriptor level because the noise comes from native threads (and from child
+    processes, which inherit the descriptor). Python's `sys.stderr` keeps writing to fd 2, so rich's
+    error console and tracebacks pass through unchanged, line by line.
+    """
+    log = logging.getLogger("xgboost")
+    sys.stderr.flush()
+    original = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def forward() -> None:
+        with os.fdopen(read_end, "rb", buffering=0) as pipe:
+            pending = b""
+            while chunk := pipe.read(65536):
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    if noise.match(line):
+                        log.info(line.decode(errors="replace"))
+                    else:
+                        os.write(original, line + b"\n")
+            if pending:
+                os.write(original, pending)
+
+    reader = threading.Thread(target=forward, name="stderr-filter", daemon=True)
+    reader.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(original, 2)  # our end of the pipe closes here; children that still hold it keep it open
+        reader.join(timeout=1.0)
+        if not reader.is_alive():
+            os.close(original)

@@ -316,8 +316,8 @@ def up(
         fail(exc)
     console.print(f"[bold]UI:[/] {state.prefect_url.removesuffix('/api')}   "
                   f"[bold]API:[/] export PREFECT_API_URL={state.prefect_url}", soft_wrap=True)
-    console.print("[bold]Land data:[/] copy a CSV under the store's landing/tickets/ (or `lifecycle notify EVENT.json`)."
-                  "  [bold]Stop:[/] lifecycle down", soft_wrap=True)
+    console.print("[bold]Land data:[/] copy a CSV under the store's landing/tickets/ "
+                  "(or `lifecycle notify EVENT.json`).  [bold]Stop:[/] lifecycle down", soft_wrap=True)
 
 
 def _api_orfail() -> str:

@@ -15,7 +15,7 @@ class Observer(Protocol):
 
     def finished(self, stage: str, status: str, seconds: float) -> None: ...
 
-    def advanced(self, stage: str, done: int, total: int) -> None: ...
+    def advanced(self, stage: str, done: int, total: int, unit: str = "rows", note: str = "") -> None: ...
 
 
 class _Null:
@@ -25,7 +25,7 @@ class _Null:
     def finished(self, stage: str, status: str, seconds: float) -> None:
         return None
 
-    def advanced(self, stage: str, done: int, total: int) -> None:
+    def advanced(self, stage: str, done: int, total: int, unit: str = "rows", note: str = "") -> None:
         return None
 
 
@@ -52,6 +52,7 @@ def stage_finished(stage: str, status: str, seconds: float) -> None:
     _observer.finished(stage, status, seconds)
 
 
-def stage_progress(stage: str, done: int, total: int) -> None:
-    """Rows (or items) done so far in a long stage; shown as a progress bar by the CLI."""
-    _observer.advanced(stage, done, total)
+def stage_progress(stage: str, done: int, total: int, unit: str = "rows", note: str = "") -> None:
+    """Work done so far in a long stage (rows embedded, boosting rounds, …), with an optional note such
+    as the latest metric; shown as a progress bar by the CLI."""
+    _observer.advanced(stage, done, total, unit, note)

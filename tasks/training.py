@@ -42,6 +42,7 @@ from tasks.train_data import (  # noqa: F401
     load_holdout,
     matrix_side,
 )
+from tasks.train_progress import reported_rounds, round_reporter
 
 TRAIN_SECTIONS = ("train", "split", "numeric_features", "categorical_features", "label_column", "task")
 
@@ -171,8 +172,10 @@ def boost(client: Any, train: tuple[Any, Any], evals: tuple[Any, Any] | None, pa
     watch = None
     if evals is not None:
         watch = [(xgb.dask.DaskQuantileDMatrix(client, *evals, ref=dtrain, **kw), "holdout")]
-    out = xgb.dask.train(client, params, dtrain, num_boost_round=num_boost_round, evals=watch,
-                         early_stopping_rounds=early_stopping_rounds if watch else None, verbose_eval=False)
+    with reported_rounds(client):
+        out = xgb.dask.train(client, params, dtrain, num_boost_round=num_boost_round, evals=watch,
+                             early_stopping_rounds=early_stopping_rounds if watch else None, verbose_eval=False,
+                             callbacks=[round_reporter(num_boost_round)])
     history = {m: [float(v) for v in vals] for m, vals in out["history"].get("holdout", {}).items()}
     return out["booster"], history
 
