@@ -11,13 +11,18 @@ BIN         := $(VENV)/bin
 STAMP       := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-all setup lock down clean bench
+.PHONY: demo test check test-all setup lock down clean bench
 
 demo: setup  ## Run the whole lifecycle on the bundled sample and leave the model answering.
 	$(BIN)/lifecycle run
 
-test: setup  ## Run the test suite (what CI runs).
+test: check  ## Layer contracts, lint, types, then the test suite (what CI runs).
 	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+check: setup  ## Layer contracts (import-linter), lint (ruff) and types (mypy); settings in pyproject.toml.
+	$(BIN)/lint-imports
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 setup: $(STAMP)
 
