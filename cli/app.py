@@ -6,6 +6,8 @@ is prepared, so `lifecycle --help` is instant and settings take effect.
 
 from __future__ import annotations
 
+import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional
@@ -83,10 +85,10 @@ def run(
         from infra_blocks.dask_compute import close_local_clusters
 
         close_local_clusters()
-    _print_summary(result, targets)
+    _print_summary(result, targets, dataset_spec.text_column)
 
 
-def _print_summary(result, targets) -> None:
+def _print_summary(result, targets, text_column: str | None) -> None:
     needs_token = targets.serving.api_token is not None
     table = Table(title=f"lifecycle: {result.dataset.dataset}  ({result.seconds:.1f}s)", show_lines=False)
     table.add_column("stage")
@@ -113,36 +115,54 @@ def _print_summary(result, targets) -> None:
     if result.deployment:
         ep = result.deployment.endpoint
         auth = ' -H "Authorization: Bearer $LIFECYCLE_API_TOKEN"' if needs_token else ""
-        request = _write_example_request(result, targets.store)
+        request, query = _write_example_request(result, targets.store, text_column if result.index else None)
         console.print(f"[bold]Query:[/]  curl -s{auth} {ep}/invocations -H 'Content-Type: application/json' "
-                      f"-d @{request}", soft_wrap=True)
-        console.print(f"        curl -s{auth} {ep}/search -H 'Content-Type: application/json' "
-                      "-d '{\"query\": \"refund for a double charge\", \"k\": 3}'", soft_wrap=True)
-        console.print("        lifecycle search 'refund for a double charge'")
+                      f"-d @{request}", soft_wrap=True, highlight=False)
+        if query:
+            body = shlex.quote(json.dumps({"query": query, "k": 3}))
+            console.print(f"        curl -s{auth} {ep}/search -H 'Content-Type: application/json' -d {body}",
+                          soft_wrap=True, highlight=False, markup=False)
+            dataset = "" if result.dataset.dataset == "tickets" else f" --dataset {result.dataset.dataset}"
+            console.print(f"        lifecycle search {shlex.quote(query)}{dataset}", soft_wrap=True, highlight=False,
+                          markup=False)
         console.print("[bold]Stop:[/]   lifecycle down")
 
 
-def _write_example_request(result, store) -> str:
-    """Write a ready-to-send /invocations payload (the dataset's first rows) under LIFECYCLE_HOME;
-    returns its path as the query hint shows it (relative when it is below the current folder)."""
-    import json
+def example_query(texts: list[str], words: int = 6) -> str | None:
+    """A search hint drawn from the user's own text column: the first words of the first non-empty text."""
+    for text in texts:
+        picked = " ".join(str(text).split()[:words])
+        if picked:
+            return picked[:120]
+    return None
 
+
+def _write_example_request(result, store, text_column: str | None) -> tuple[str, str | None]:
+    """Write a ready-to-send /invocations payload (the dataset's first rows) under LIFECYCLE_HOME.
+
+    Returns:
+        The payload's path as the query hint shows it (relative when below the current folder), and a
+        search query drawn from the dataset's text column (None without one or without an index).
+    """
     from infra_blocks.profiles import lifecycle_home
 
     path = (lifecycle_home() / "sample" / "request.json").resolve()
+    query = None
     try:
         from tasks.ingest import read_dataset
 
-        frame = read_dataset(store, result.dataset).head(2)
-        payload = {"dataframe_split": json.loads(frame.to_json(orient="split", index=False))}
+        frame = read_dataset(store, result.dataset).head(20)
+        payload = {"dataframe_split": json.loads(frame.head(2).to_json(orient="split", index=False))}
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(payload))
+        if text_column and text_column in frame:
+            query = example_query(frame[text_column].dropna().tolist())
     except Exception:  # noqa: BLE001 - a convenience file; never fail a finished run over it
         pass
     try:
-        return str(path.relative_to(Path.cwd().resolve()))
+        return str(path.relative_to(Path.cwd().resolve())), query
     except ValueError:
-        return str(path)
+        return str(path), query
 
 
 @app.command()
