@@ -24,7 +24,7 @@ import pandas as pd
 from prefect import task
 
 from infra_blocks import DaskCompute, MlflowTarget, ObjectStore
-from infra_blocks.dask_compute import ComputeReport
+from infra_blocks.compute_report import ComputeReport
 from lifecycle.errors import LifecycleError
 from lifecycle.features import FeatureSchema, build_schema
 from lifecycle.records import DatasetVersion, EmbeddingSet, TrainedModel, ValidationReport, stable_hash

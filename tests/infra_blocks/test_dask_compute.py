@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from infra_blocks import DaskCompute
-from infra_blocks.dask_compute import ComputeReport, resolve_class
+from infra_blocks.compute_report import ComputeReport
+from infra_blocks.dask_compute import resolve_class
 from lifecycle.errors import LifecycleError
 
 
@@ -60,7 +61,7 @@ def test_address_mode_needs_an_address():
 
 def _report(block: DaskCompute, protocol: str = "tcp", **worker) -> ComputeReport:
     """A report as `preflight` builds it, for workers that look like `worker` (GPU hosts cannot run here)."""
-    from infra_blocks.dask_compute import ComputeReport, WorkerResources
+    from infra_blocks.compute_report import ComputeReport, WorkerResources
 
     workers = [WorkerResources(address=f"{protocol}://10.0.0.{i}:4000", threads=8, memory_limit=2**34,
                                **{k: (v[i] if k == "gpu_uuid" else v) for k, v in worker.items()}) for i in range(2)]
@@ -142,7 +143,7 @@ def test_ucx_settings_are_checked_against_the_active_transports():
 
 
 def test_visible_devices_follow_cuda_visible_devices(monkeypatch):
-    from infra_blocks.dask_compute import _visible
+    from infra_blocks.compute_report import _visible
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert _visible([0, 1, 2, 3]) == [0, 1, 2, 3]
