@@ -306,7 +306,7 @@ def down(profile: str = typer.Option("local")) -> None:
     except LifecycleError as exc:
         fail(exc)
     if stopped:
-        console.print(f"stopped deployment {stopped.deployment_id} (PID {stopped.pid}) "
+        console.print(f"stopped deployment {stopped.deployment_id} ({stopped.summary}) "
                       f"on {stopped.host}:{stopped.port}")
     else:
         console.print("nothing was serving")

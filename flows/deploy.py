@@ -1,12 +1,13 @@
 """Deploy flow: serve a registered model version (and the index) on the serving target.
 
 A deployment's id comes from the model version, the index version, the target's address and the
-serving code, so re-running on unchanged inputs while that server still answers is a no-op that
-returns the stored record. Anything else rolls out:
-- process target: snapshot, stop old, start new, smoke-test; on failure restart the old one
+served code (`serving.manifest`), so re-running on unchanged inputs while that server still answers
+is a no-op that returns the stored record. Anything else rolls out through the backend of the
+target's kind (`tasks.serving.backend_for`): snapshot, then what the backend prepares, then its rollout:
+- process target: stop old, start new, smoke-test; on failure restart the old one
   (tasks/process_serving.py);
-- docker target: snapshot, image (offline, tasks/docker_images.py), new container beside the old one,
-  smoke test, switch the edge, stop the old; on failure the old one never stopped serving
+- docker target: image (offline, tasks/docker_images.py), new container beside the old one, smoke
+  test, switch the edge, stop the old; on failure the old one never stopped serving
   (tasks/docker_serving.py).
 Every rollout is recorded: a failed one publishes its Deployment with status `failed` and the reason
 (event `lifecycle.model.deploy_failed`) before the flow fails with that reason.
@@ -21,8 +22,15 @@ from lifecycle.errors import LifecycleError
 from lifecycle.records import Deployment, IndexVersion, ModelVersion, TrainedModel
 from lifecycle.spec import DatasetSpec
 from tasks.records import find_record, publish_record
-from tasks.serving import (check_exposure, deployment_id, prepare_snapshot_task, rollout_task, serving_code_version,
-                           serving_now_task)
+from tasks.serving import (
+    check_exposure,
+    deployment_id,
+    prepare_image_task,
+    prepare_snapshot_task,
+    rollout_task,
+    serving_code_version,
+    serving_now_task,
+)
 
 FAILED_EVENT = "lifecycle.model.deploy_failed"
 
@@ -75,17 +83,11 @@ def deploy(spec: DatasetSpec, model: ModelVersion, index: IndexVersion | None, s
     )
     try:
         snapshot = prepare_snapshot_task(serving, mlflow, model, index, vectors if index else None, lineage)
-        if serving.kind == "docker":
-            from tasks.docker_serving import build_image_task
-            from tasks.docker_serving import rollout_task as docker_rollout_task
-
-            image = build_image_task(serving, snapshot)
-            record = record.model_copy(update={"image_digest": image["id"], "image_size_mb": image["size_mb"]})
-            server, previous = docker_rollout_task(serving, snapshot, image["id"])
-            handle = server.container_id[:12]
-        else:
-            server, previous = rollout_task(serving, snapshot)
-            handle = str(server.pid)
+        image = prepare_image_task(serving, snapshot)
+        if image is not None:
+            record = record.model_copy(update={"image_digest": image.id, "image_size_mb": image.size_mb})
+        server, previous = rollout_task(serving, snapshot, image)
+        handle = server.handle
     except LifecycleError as exc:
         failed = record.model_copy(update={"status": "failed", "reason": str(exc).splitlines()[0]})
         publish_record(store, failed, FAILED_EVENT)

@@ -1,8 +1,9 @@
 """The serving app: MLflow-compatible scoring, vector search, health and lineage in one small FastAPI app.
 
 Why hand-written rather than `mlflow models serve`: the same scoring protocol (MLflow clients keep
-working) at a fraction of the per-request cost, plus `/search` and `/version` beside it. Handlers parse JSON with orjson into column lists and call the
-model's numpy fast path; nothing per request builds a DataFrame unless a value needs pandas' parsing.
+working) at a fraction of the per-request cost, plus `/search` and `/version` beside it. Handlers
+parse JSON with orjson into column lists and call the model's numpy fast path; nothing per request
+builds a DataFrame unless a value needs pandas' parsing.
 
 Endpoints:
 - `POST /invocations`: `{"dataframe_split"|"dataframe_records"|"instances"|"inputs": …, "params": …}` →
@@ -69,7 +70,8 @@ def open_searcher(index: IndexRef) -> Searcher:
 
     version = index.version if index.version is not None else index.tag
     return LanceSearcher(index.uri, index.table, version, storage_options=index.storage_options or None,
-                         distance_type=index.distance_type, query_params=index.query_params)
+                         distance_type=index.distance_type, query_params=index.query_params,
+                         max_chars=index.max_chars)
 
 
 # --- request parsing ---------------------------------------------------------------------------
@@ -94,7 +96,8 @@ def _from_columns(cols: dict[str, Any], fmt: str, wanted: Sequence[str]) -> tupl
 
 
 def _from_split(split: Any, wanted: Sequence[str]) -> tuple[dict[str, list], int]:
-    if not isinstance(split, dict) or not isinstance(split.get("columns"), list) or not isinstance(split.get("data"), list):
+    if not isinstance(split, dict) or not isinstance(split.get("columns"), list) \
+            or not isinstance(split.get("data"), list):
         raise Problem(400, "dataframe_split must be an object with 'columns' (names) and 'data' (rows)")
     names, data = split["columns"], split["data"]
     for i, row in enumerate(data):
@@ -265,7 +268,8 @@ class ServingApp:
         await send({"type": "http.response.body", "body": body})
 
 
-def create_app(config: ServingConfig, model: ServingModel | None = None, searcher: Searcher | None = None) -> ServingApp:
+def create_app(config: ServingConfig, model: ServingModel | None = None,
+               searcher: Searcher | None = None) -> ServingApp:
     """Build the app for one deployment; the model (and searcher) load here, before the port opens.
 
     Args:
@@ -311,7 +315,8 @@ def create_app(config: ServingConfig, model: ServingModel | None = None, searche
         try:
             results = await run_in_threadpool(searcher.search, query, k, where)
         except (LifecycleError, ValueError) as exc:
-            raise Problem(400, f"search failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise Problem(400, f"search failed: {reason}") from None
         except Exception:
             log.exception("search failed")
             raise Problem(500, "search failed (see the server log)") from None

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_serializer
 
@@ -30,6 +29,7 @@ class IndexRef(BaseModel):
     query_params: dict[str, int] = Field(
         default_factory=dict, description="ANN settings the index stage chose (nprobes, refine_factor, ef)."
     )
+    max_chars: int = Field(2000, ge=1, description="Queries are cut as the embed stage cut the indexed texts.")
 
 
 class ServingConfig(BaseModel):
@@ -107,6 +107,6 @@ class ServingConfig(BaseModel):
         except FileNotFoundError as exc:
             raise LifecycleError(f"{path}: serving config not found") from exc
         except ValidationError as exc:
-            err: dict[str, Any] = exc.errors()[0]
+            err = exc.errors()[0]
             where = ".".join(str(p) for p in err["loc"]) or "config"
             raise LifecycleError(f"{path}: invalid serving config: {where}: {err['msg']}") from exc

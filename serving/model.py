@@ -11,6 +11,11 @@ the same JSON from `mlflow models serve` and from this server. Two entry points 
   JSON column lists with numpy (tens of µs instead of ~2–5 ms of pandas per request). Anything it
   cannot convert falls back to the reference path, so errors carry the reference path's message. The
   tests check that both paths (and the MLflow pyfunc) agree, nulls and unseen levels included.
+
+Every feature setting comes from the model's own `feature_schema.json` (what the train stage saved),
+never from a constant here: texts are cut at the schema's `text_max_chars` (the spec's
+`embed.max_chars` the embeddings were made with) and encoded by the schema's `text_model`, so a
+request's text features are the vectors the model was trained on.
 """
 
 from __future__ import annotations
@@ -32,18 +37,24 @@ SCHEMA_FILE = "feature_schema.json"
 RUN_ARTIFACT_DIR = "lifecycle"  # where train logs the two files in its MLflow run (serving.pyfunc's name)
 
 PROBA_PREFIX = "proba_"  # as serving.pyfunc names probability columns (that module imports mlflow)
-TEXT_MAX_CHARS = 2000  # EmbedConfig.max_chars default; the schema does not record the spec's value
 
 Encoder = Callable[[list[str]], np.ndarray]
 
 
-def text_encoder(max_chars: int = TEXT_MAX_CHARS, threads: int | None = None) -> Encoder:
-    """The embed stage's encoder and text preparation (lifecycle.encoder), loaded once per server.
+def text_encoder(schema: FeatureSchema, threads: int | None = None) -> Encoder:
+    """The embed stage's encoder and text preparation (lifecycle.encoder), as the schema says, loaded once.
 
     `threads` caps torch's intra-op threads (None: torch's default, one per core).
-    """
-    from lifecycle.encoder import encode, load_encoder, prepare_texts
 
+    Raises:
+        LifecycleError: the model's embeddings come from an encoder this server does not have.
+    """
+    from lifecycle.encoder import MODEL_NAME, encode, load_encoder, prepare_texts
+
+    if schema.text_model != MODEL_NAME:
+        raise LifecycleError(f"model's text features come from encoder {schema.text_model!r}; "
+                             f"this server has {MODEL_NAME!r}")
+    max_chars = schema.text_max_chars
     load_encoder("cpu", threads)  # load now, before the port opens, not on the first request
     return lambda texts: encode(prepare_texts(texts, max_chars))
 
@@ -68,7 +79,8 @@ class ServingModel:
         self.booster = booster
         self.schema = schema
         self._encoder = encoder
-        self._levels = {col: {lvl: float(i) for i, lvl in enumerate(levels)} for col, levels in schema.categorical.items()}
+        self._levels = {col: {lvl: float(i) for i, lvl in enumerate(levels)}
+                        for col, levels in schema.categorical.items()}
 
     @classmethod
     def load(cls, model_dir: str | Path, encoder: Encoder | None = None,
@@ -104,7 +116,7 @@ class ServingModel:
         booster.set_param({"nthread": 1})
         booster.set_param({"device": "cpu"})  # a GPU-trained model must not look for a GPU here
         if schema.embedding_dim and encoder is None:
-            encoder = text_encoder(threads=encoder_threads)
+            encoder = text_encoder(schema, threads=encoder_threads)
         return cls(booster, schema, encoder)
 
     @property
@@ -112,7 +124,8 @@ class ServingModel:
         """True when requests must be embedded first (slow: run off the event loop)."""
         return bool(self.schema.embedding_dim)
 
-    def _embeddings(self, texts: Sequence[Any]) -> np.ndarray | None:
+    def text_features(self, texts: Sequence[Any]) -> np.ndarray | None:
+        """The embedding features of raw texts (None for a model without them), prepared as in training."""
         if not self.schema.embedding_dim:
             return None
         if self._encoder is None:
@@ -134,7 +147,7 @@ class ServingModel:
         text = self.schema.text_column
         if self.schema.embedding_dim:
             tabular_matrix(frame, self.schema)  # a bad value fails here, before seconds of encoding
-        emb = self._embeddings(frame[text].tolist()) if self.schema.embedding_dim and text in frame else None
+        emb = self.text_features(frame[text].tolist()) if self.schema.embedding_dim and text in frame else None
         return self._records(feature_matrix(frame, self.schema, emb), probabilities)
 
     def predict_columns(self, columns: Mapping[str, Sequence[Any]], rows: int,
@@ -163,9 +176,11 @@ class ServingModel:
             return self.predict(pd.DataFrame({c: list(v) for c, v in columns.items()}), probabilities)
         if schema.embedding_dim:
             text = schema.text_column
-            if text not in columns:
+            if text is None or text not in columns:
                 raise LifecycleError(f"missing input column(s): {text}")
-            matrix = np.hstack([matrix, self._embeddings(columns[text])])
+            emb = self.text_features(columns[text])
+            if emb is not None:
+                matrix = np.hstack([matrix, emb])
         return self._records(matrix, probabilities)
 
     def check_columns(self, columns: Mapping[str, Sequence[Any]], rows: int) -> None:

@@ -9,7 +9,9 @@ carries the `FeatureSchema` next to the booster and rebuilds the matrix with `li
 `BoosterPredictor` holds the logic without MLflow, so a lean server can load the two run artifacts
 (`booster.json`, `feature_schema.json`) directly; `LifecycleModel` is the thin MLflow wrapper. The
 packaging helpers at the end (requirements, code paths, signature) say what the logged model carries,
-so that it loads and validates input outside this repository.
+so that it loads and validates input outside this repository: its code is exactly the served files of
+`serving.manifest` (serving + the core modules it imports), the same list the serving image holds.
+Texts are cut at the schema's `text_max_chars`, the length the embed stage cut the training texts to.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+from mlflow.pyfunc.model import PythonModel
 
 from lifecycle.errors import LifecycleError
 from lifecycle.features import EMBEDDING_PREFIX, FeatureSchema, decode_predictions, feature_matrix
@@ -33,14 +35,16 @@ PROBA_PREFIX = "proba_"
 class BoosterPredictor:
     """An XGBoost booster plus the feature schema it was trained with."""
 
-    def __init__(self, booster: Any, schema: FeatureSchema, text_max_chars: int = 2000) -> None:
+    def __init__(self, booster: Any, schema: FeatureSchema, text_max_chars: int | None = None) -> None:
+        """`text_max_chars` only stands in for a schema saved before schemas recorded it (None: the schema's)."""
         self.booster = booster
         self.schema = schema
-        self.text_max_chars = text_max_chars
+        recorded = "text_max_chars" in schema.model_fields_set
+        self.text_max_chars = schema.text_max_chars if recorded or text_max_chars is None else text_max_chars
 
     @classmethod
     def from_files(cls, booster_path: str | Path, schema_path: str | Path,
-                   text_max_chars: int = 2000) -> BoosterPredictor:
+                   text_max_chars: int | None = None) -> BoosterPredictor:
         """Load the two files training saved; the booster is pinned to CPU (a GPU-trained model
         would otherwise try to predict on a device the server may not have)."""
         import xgboost as xgb
@@ -79,7 +83,7 @@ class BoosterPredictor:
         return out
 
 
-class LifecycleModel(mlflow.pyfunc.PythonModel):
+class LifecycleModel(PythonModel):
     """MLflow pyfunc over `BoosterPredictor`; artifacts: `booster` and `feature_schema` files.
 
     `predict(df)` returns the `prediction` column; `predict(df, params={"probabilities": True})`
@@ -88,9 +92,9 @@ class LifecycleModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: Any) -> None:
         config = getattr(context, "model_config", None) or {}
-        self.predictor = BoosterPredictor.from_files(
-            context.artifacts["booster"], context.artifacts["feature_schema"], int(config.get("text_max_chars", 2000))
-        )
+        legacy = config.get("text_max_chars")  # models logged before the schema recorded it
+        self.predictor = BoosterPredictor.from_files(context.artifacts["booster"], context.artifacts["feature_schema"],
+                                                     int(legacy) if legacy is not None else None)
 
     # A DataFrame hint: MLflow 3 infers no schema from it (the logged signature does the checking).
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
@@ -119,19 +123,22 @@ def pip_requirements(with_text: bool) -> list[str]:
 
 
 def code_paths(tmp: Path) -> list[str]:
-    """Copies of `lifecycle/` and `serving/pyfunc.py` for the model, so it loads outside this repo."""
+    """Copies of the served files (`serving.manifest`) under `tmp/code`, one folder per package, so the
+    model loads outside this repository and carries nothing else (no CLI, flows or stage code)."""
     import shutil
 
-    import lifecycle
-    import serving.pyfunc
+    from serving.manifest import PROJECT_ROOT, served_files
 
     root = tmp / "code"
-    shutil.copytree(Path(lifecycle.__file__).parent, root / "lifecycle",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    (root / "serving").mkdir()
-    (root / "serving" / "__init__.py").write_text('"""Only the pyfunc of the serving package."""\n')
-    shutil.copy2(serving.pyfunc.__file__, root / "serving" / "pyfunc.py")
-    return [str(root / "lifecycle"), str(root / "serving")]
+    packages: list[str] = []
+    for rel in served_files(PROJECT_ROOT):
+        dest = root / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(PROJECT_ROOT / rel, dest)
+        package = str(root / rel.split("/", 1)[0])
+        if package not in packages:
+            packages.append(package)
+    return packages
 
 
 def model_signature(example: pd.DataFrame, output: pd.DataFrame, numeric: list[str]) -> Any:

@@ -30,58 +30,39 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from prefect import task
-from pydantic import BaseModel
 
 from infra_blocks import ServingTarget
 from lifecycle.errors import LifecycleError
 from lifecycle.features import FeatureSchema
-from tasks.processes import wait_until_ok
 from serving.config import ServingConfig
 from serving.model import SCHEMA_FILE
 from tasks.docker_images import (
     CONTAINER_PORT,
     LABEL,
     SERVING_UID,
-    _tar,
-    build_app_image,
-    deps_image,
+    build_image,
     docker_client,
     edge_image,
     image_summary,
 )
-from tasks.serving import CONFIG_FILE, base_url, smoke_test_url
+from tasks.processes import wait_until_ok
+from tasks.serving_common import (
+    CONFIG_FILE,
+    RunningServer,
+    ServingImage,
+    TarEntry,
+    auth_headers,
+    base_url,
+    smoke_test_url,
+    tar,
+    target_lock,
+)
 
 NETWORK = "lifecycle-serving"
 RUN_DIR = "/app/run"
 LANCEDB_MOUNT = "/data/lancedb"
 ROUTE_FILE = "route.json"
 HARDENING = {"cap_drop": ["ALL"], "security_opt": ["no-new-privileges"]}
-
-
-class DockerServer(BaseModel):
-    """The live backend of a docker target (what the edge routes to)."""
-
-    container_id: str
-    name: str
-    deployment_id: str
-    image_id: str
-    address: str  # <container name>:8080 on the lifecycle-serving network, what the edge connects to
-    test_url: str  # http://127.0.0.1:<random port>: the backend alone, for smoke tests
-    endpoint: str  # the published endpoint (through the edge)
-    lineage: dict[str, str | None] = {}
-
-    @property
-    def pid(self) -> int:  # for callers written for process servers (`lifecycle down` prints it)
-        return 0
-
-    @property
-    def host(self) -> str:
-        return self.endpoint.split("//", 1)[-1].rsplit(":", 1)[0]
-
-    @property
-    def port(self) -> int:
-        return int(self.endpoint.rsplit(":", 1)[-1])
 
 
 def edge_name(target: ServingTarget) -> str:
@@ -146,7 +127,7 @@ def read_route(edge: Any) -> dict[str, Any]:
 
 
 def write_route(edge: Any, route: dict[str, Any], signal_edge: bool = True) -> None:
-    edge.put_archive(RUN_DIR, _tar([(ROUTE_FILE, json.dumps(route).encode(), 0o444, SERVING_UID)]))
+    edge.put_archive(RUN_DIR, tar([(ROUTE_FILE, json.dumps(route).encode(), 0o444, SERVING_UID)]))
     if signal_edge:
         edge.kill(signal="SIGHUP")
 
@@ -213,7 +194,7 @@ def start_backend(client: Any, target: ServingTarget, image: Any, config: Servin
 
     token = config.api_token
     inner = container_config(config, image.id, token is not None)
-    files: list[tuple[str, Path | bytes, int, int]] = [
+    files: list[TarEntry] = [
         (CONFIG_FILE, inner.model_dump_json(indent=2).encode(), 0o400, SERVING_UID)]
     if token is not None:
         files.append(("token", token.get_secret_value().encode(), 0o400, SERVING_UID))
@@ -232,7 +213,7 @@ def start_backend(client: Any, target: ServingTarget, image: Any, config: Servin
         image.id, name=f"lifecycle-{target.port}-{deployment[:12]}-{secrets.token_hex(2)}", network=NETWORK,
         ports={f"{CONTAINER_PORT}/tcp": ("127.0.0.1", None)}, labels=labels, mounts=mounts,
         tmpfs={"/tmp": "size=256m"}, **HARDENING)
-    container.put_archive(RUN_DIR, _tar(files))
+    container.put_archive(RUN_DIR, tar(files))
     container.start()
     container.reload()
     return container
@@ -265,14 +246,14 @@ def wait_backend(container: Any, url: str, timeout_s: float) -> None:
                       f"container not healthy after {timeout_s:.0f} s", interval_s=0.2)
 
 
-def _server(container: Any, target: ServingTarget) -> DockerServer:
+def _server(container: Any, target: ServingTarget) -> RunningServer:
     address, test_url = backend_address(container)
     labels = container.labels
     prefix = f"{LABEL}.lineage."
     lineage = {k.removeprefix(prefix): v for k, v in (container.image.labels or {}).items() if k.startswith(prefix)}
-    return DockerServer(container_id=container.id, name=container.name, deployment_id=labels[f"{LABEL}.deployment-id"],
-                        image_id=container.image.id, address=address, test_url=test_url,
-                        endpoint=base_url(target.host, target.port), lineage=lineage)
+    return RunningServer(kind="docker", deployment_id=labels[f"{LABEL}.deployment-id"], host=target.host,
+                         port=target.port, container=container.id, container_name=container.name,
+                         image_id=container.image.id, address=address, test_url=test_url, lineage=lineage)
 
 
 def current(client: Any, target: ServingTarget) -> tuple[Any | None, Any | None]:
@@ -287,7 +268,7 @@ def current(client: Any, target: ServingTarget) -> tuple[Any | None, Any | None]
     return edge, backend
 
 
-def serving_now(target: ServingTarget, deployment: str) -> DockerServer | None:
+def serving_now(target: ServingTarget, deployment: str) -> RunningServer | None:
     """The live backend if it serves `deployment` through the published endpoint (token checked)."""
     try:
         client = docker_client(target.docker_base_url, timeout=10)
@@ -296,17 +277,16 @@ def serving_now(target: ServingTarget, deployment: str) -> DockerServer | None:
         return None
     if edge is None or backend is None or backend.labels.get(f"{LABEL}.deployment-id") != deployment:
         return None
-    token = target.api_token
-    headers = {"Authorization": f"Bearer {token.get_secret_value()}"} if token else {}
     try:
-        version = httpx.get(f"{base_url(target.host, target.port)}/version", headers=headers, timeout=3.0)
+        version = httpx.get(f"{base_url(target.host, target.port)}/version", headers=auth_headers(target.api_token),
+                            timeout=3.0)
         ok = version.status_code == 200 and version.json().get("deployment_id") == deployment
     except (httpx.HTTPError, ValueError):
         return None
     return _server(backend, target) if ok else None
 
 
-def stop_current(target: ServingTarget, grace_s: float = 10.0) -> DockerServer | None:
+def stop_current(target: ServingTarget, grace_s: float = 10.0) -> RunningServer | None:
     """Stop the live backend, the edge and any leftover backend of this endpoint; returns the live one."""
     client = docker_client(target.docker_base_url)
     edge, backend = current(client, target)
@@ -322,17 +302,8 @@ def stop_current(target: ServingTarget, grace_s: float = 10.0) -> DockerServer |
 # --- rollout ------------------------------------------------------------------------------------------
 
 
-def build_image(target: ServingTarget, snapshot: Path, log: Any = print) -> Any:
-    """The deployment image for a snapshot folder (deps image first, built once per requirement set)."""
-    client = docker_client(target.docker_base_url)
-    config = ServingConfig.read(snapshot / CONFIG_FILE)
-    schema = FeatureSchema.model_validate_json((snapshot / SCHEMA_FILE).read_bytes())
-    with_search = config.index is not None or bool(schema.embedding_dim)
-    deps = deps_image(client, target.base_image, with_search, log=log)
-    return build_app_image(client, deps, snapshot, config.lineage)
-
-
-def rollout(target: ServingTarget, snapshot: Path, image: Any, grace_s: float = 10.0) -> tuple[DockerServer, str | None]:
+def rollout(target: ServingTarget, snapshot: Path, image: Any,
+            grace_s: float = 10.0) -> tuple[RunningServer, str | None]:
     """Make `image` (built from `snapshot`) the live backend of the target; returns (new, previous id).
 
     Keeps the live backend when it already serves this deployment.
@@ -341,13 +312,11 @@ def rollout(target: ServingTarget, snapshot: Path, image: Any, grace_s: float = 
         LifecycleError: the new container did not start, become healthy, pass the smoke test or take
             over the endpoint; the old one (if any) still serves and the message says so.
     """
-    from tasks.process_serving import _target_lock
-
-    with _target_lock(target):
+    with target_lock(target):
         return _rollout(target, snapshot, image, grace_s)
 
 
-def _rollout(target: ServingTarget, snapshot: Path, image: Any, grace_s: float) -> tuple[DockerServer, str | None]:
+def _rollout(target: ServingTarget, snapshot: Path, image: Any, grace_s: float) -> tuple[RunningServer, str | None]:
     client = docker_client(target.docker_base_url)
     config = ServingConfig.read(snapshot / CONFIG_FILE)
     deployment = str(config.deployment_id)
@@ -383,8 +352,7 @@ def _rollout(target: ServingTarget, snapshot: Path, image: Any, grace_s: float) 
 
 def _confirm_switch(target: ServingTarget, deployment: str, timeout_s: float = 10.0) -> None:
     """The published endpoint answers `/version` with the new deployment (the edge took the route)."""
-    token = target.api_token
-    headers = {"Authorization": f"Bearer {token.get_secret_value()}"} if token else {}
+    headers = auth_headers(target.api_token)
     deadline = time.monotonic() + timeout_s
     served = None
     while time.monotonic() < deadline:
@@ -405,17 +373,27 @@ def _is_docker_error(exc: BaseException) -> bool:
     return isinstance(exc, docker.errors.DockerException)
 
 
-# --- Prefect tasks -------------------------------------------------------------------------------
+class DockerBackend:
+    """`ServingBackend` for `kind: docker`: an image per deployment, a container per rollout, an edge."""
 
+    kind = "docker"
 
-@task(name="build-serving-image", tags=["lifecycle", "deploy", "docker"])
-def build_image_task(target: ServingTarget, snapshot: Path) -> dict[str, Any]:
-    """Prefect wrapper; returns the image summary (id, tags, size) so the flow can report it."""
-    return image_summary(build_image(target, snapshot))
+    def prepare(self, target: ServingTarget, snapshot: Path) -> ServingImage | None:
+        """The deployment image (built, or reused when its context is unchanged)."""
+        return image_summary(build_image(target, snapshot))
 
+    def rollout(self, target: ServingTarget, snapshot: Path, image: ServingImage | None,
+                grace_s: float = 10.0) -> tuple[RunningServer, str | None]:
+        """Raises:
+            LifecycleError: no image was prepared, or the rollout failed (the old backend still serves).
+        """
+        if image is None:
+            raise LifecycleError(f"docker serving target {target.endpoint}: no image prepared for {snapshot.name}")
+        client = docker_client(target.docker_base_url)
+        return rollout(target, snapshot, client.images.get(image.id), grace_s)
 
-@task(name="rollout-docker", tags=["lifecycle", "deploy", "docker"])
-def rollout_task(target: ServingTarget, snapshot: Path, image_id: str) -> tuple[DockerServer, str | None]:
-    """Prefect wrapper, no retries: a failed rollout has left the old backend serving."""
-    client = docker_client(target.docker_base_url)
-    return rollout(target, snapshot, client.images.get(image_id))
+    def serving_now(self, target: ServingTarget, deployment: str) -> RunningServer | None:
+        return serving_now(target, deployment)
+
+    def stop_current(self, target: ServingTarget, grace_s: float = 10.0) -> RunningServer | None:
+        return stop_current(target, grace_s)

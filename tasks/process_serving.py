@@ -2,9 +2,11 @@
 
 Why this shape:
 - The server is `python -m serving --config …` in its **own process group** (it outlives the flow
-  run); `<workdir>/current.json` records its PID. We only ever signal a PID we recorded and whose
-  command line is our server's, and we signal its group (SIGTERM, then SIGKILL after a grace period),
-  which also stops its worker processes when `workers > 1`.
+  run); `<workdir>/current.json` records its PID and start time. We only ever signal a PID we
+  recorded, whose start time is the recorded one (a reused PID is someone else) and whose command
+  line is our server's, and we signal its group (SIGTERM, then SIGKILL after a grace period), which
+  also stops its worker processes when `workers > 1`. psutil reads command lines, start times and
+  children the same way on Linux and macOS.
 - Rollout on one port: stop the old, start the new, wait for `/health`, smoke-test it (one prediction,
   one search when an index is served, `/version` naming the new deployment). On any failure the new
   server is stopped, the previous snapshot restarted, and a LifecycleError carries the reason and
@@ -20,20 +22,27 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from datetime import datetime
 from pathlib import Path
 
 import httpx
-from pydantic import BaseModel, Field
+import psutil
 
 from infra_blocks import ServingTarget
 from lifecycle.errors import LifecycleError
-from tasks.processes import wait_until_ok
 from lifecycle.records import utcnow
 from serving.config import ServingConfig
-from tasks.serving import CONFIG_FILE, PROJECT_ROOT, base_url, http_client, smoke_test
+from tasks.processes import wait_until_ok
+from tasks.serving_common import (
+    CONFIG_FILE,
+    PROJECT_ROOT,
+    RunningServer,
+    ServingImage,
+    http_client,
+    smoke_test,
+    target_lock,
+)
+
+__all__ = ["CONFIG_FILE", "PROJECT_ROOT", "ProcessBackend", "RunningServer", "rollout", "serving_now", "stop_current"]
 
 LOG_FILE = "server.log"
 CURRENT_FILE = "current.json"
@@ -41,62 +50,66 @@ START_MARK = "--- lifecycle: starting server"
 _CHILDREN: dict[int, subprocess.Popen] = {}  # servers this process started, so they can be reaped
 
 
-class RunningServer(BaseModel):
-    """What `current.json` records about the server we started last."""
-
-    pid: int
-    host: str
-    port: int
-    deployment_id: str
-    snapshot: str = Field(..., description="Snapshot folder the server runs from.")
-    lineage: dict[str, str | None] = Field(default_factory=dict)
-    started_at: datetime = Field(default_factory=utcnow)
-
-    @property
-    def endpoint(self) -> str:
-        return base_url(self.host, self.port)
-
-
-def _cmdline(pid: int) -> list[str]:
+def _process(pid: int) -> psutil.Process | None:
+    """The live process `pid` (a zombie counts as gone), or None."""
+    child = _CHILDREN.get(pid)
+    if child is not None and child.poll() is not None:  # poll() reaps our exited child (no zombie left)
+        del _CHILDREN[pid]
+        return None
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except OSError:  # no /proc (macOS)
-        return subprocess.run(["ps", "-p", str(pid), "-o", "command="], capture_output=True, text=True).stdout.split()
+        proc = psutil.Process(pid)
+        return None if proc.status() == psutil.STATUS_ZOMBIE else proc
+    except psutil.NoSuchProcess:
+        return None
+    except psutil.AccessDenied:  # someone else's process: alive, and never ours
+        return psutil.Process(pid)
 
 
 def _alive(pid: int) -> bool:
-    child = _CHILDREN.get(pid)
-    if child is not None:  # poll() reaps our exited child, which would otherwise linger as a zombie
-        if child.poll() is None:
-            return True
-        del _CHILDREN[pid]
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    stat = Path(f"/proc/{pid}/stat")
-    return not (stat.exists() and stat.read_text().rsplit(")", 1)[-1].split()[0] == "Z")
+    return _process(pid) is not None
 
 
-def is_our_server(pid: int) -> bool:
-    """True for a live process that leads its own group and runs `-m serving --config` (not a reused PID)."""
-    if pid <= 1 or not _alive(pid):
-        return False
-    args = _cmdline(pid)
-    ours = any(a == "-m" and b == "serving" for a, b in zip(args, args[1:])) and "--config" in args
+def start_time(pid: int) -> float | None:
+    """The process's start time (psutil `create_time`), or None when it is gone."""
+    proc = _process(pid)
     try:
+        return proc.create_time() if proc is not None else None
+    except psutil.Error:
+        return None
+
+
+def is_our_server(pid: int, create_time: float | None = None) -> bool:
+    """True for a live process that leads its own group and runs `-m serving --config` (not a reused PID).
+
+    `create_time`, when given, must be the process's start time too: a PID recorded long ago may now
+    belong to another process with the same command line.
+    """
+    proc = _process(pid) if pid > 1 else None
+    if proc is None:
+        return False
+    try:
+        args = proc.cmdline()
+        if create_time is not None and abs(proc.create_time() - create_time) > 0.01:
+            return False
+        ours = any(a == "-m" and b == "serving" for a, b in zip(args, args[1:])) and "--config" in args
         return ours and os.getpgid(pid) == pid
-    except ProcessLookupError:
+    except (psutil.Error, ProcessLookupError):
         return False
 
 
-def stop_server(pid: int, grace_s: float = 10.0) -> bool:
-    """SIGTERM the server's process group, SIGKILL it after `grace_s`; False if it was not ours/alive."""
-    if not is_our_server(pid):
+def stop_server(pid: int, grace_s: float = 10.0, create_time: float | None = None) -> bool:
+    """SIGTERM the server's process group, SIGKILL it after `grace_s`; False if it was not ours/alive.
+
+    Waits for the leader and every process under it (workers), not only the leader: a port is free
+    only when the last listener exits.
+    """
+    if not is_our_server(pid, create_time):
         return False
+    leader = psutil.Process(pid)
+    try:
+        procs = [leader, *leader.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        procs = [leader]
     for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(pid, sig)
@@ -104,10 +117,19 @@ def stop_server(pid: int, grace_s: float = 10.0) -> bool:
             return True
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            if not _alive(pid):
+            _alive(pid)  # reaps the leader when it is our child
+            procs = [p for p in procs if _is_running(p)]
+            if not procs:
                 return True
             time.sleep(0.05)
     raise LifecycleError(f"server PID {pid} survived SIGKILL")
+
+
+def _is_running(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def log_tail(snapshot: Path, lines: int = 20) -> str:
@@ -155,10 +177,10 @@ def launch(snapshot: Path, timeout_s: float) -> RunningServer:
         if not isinstance(exc, (LifecycleError, httpx.HTTPError, ValueError)):
             raise
         tail = log_tail(snapshot).replace("\n", "\n    ")
-        raise LifecycleError(f"deployment {config.deployment_id}: {exc}\n  server log ({snapshot / LOG_FILE}):\n    {tail}") from exc
-    return RunningServer(pid=pid, host=config.host, port=config.port, deployment_id=str(config.deployment_id),
-                         snapshot=str(snapshot), lineage=config.lineage)
-
+        raise LifecycleError(f"deployment {config.deployment_id}: {exc}\n"
+                             f"  server log ({snapshot / LOG_FILE}):\n    {tail}") from exc
+    return RunningServer(kind="process", pid=pid, create_time=start_time(pid), host=config.host, port=config.port,
+                         deployment_id=str(config.deployment_id), snapshot=str(snapshot), lineage=config.lineage)
 
 
 # --- current deployment --------------------------------------------------------------------------
@@ -187,7 +209,8 @@ def write_current(target: ServingTarget, server: RunningServer | None) -> None:
 def serving_now(target: ServingTarget, deployment: str) -> RunningServer | None:
     """The current server if it is ours, alive, healthy and serves `deployment` (token checked too)."""
     current = read_current(target)
-    if current is None or current.deployment_id != deployment or not is_our_server(current.pid):
+    if current is None or current.deployment_id != deployment or current.pid is None or current.snapshot is None \
+            or not is_our_server(current.pid, current.create_time):
         return None
     try:
         config = ServingConfig.read(Path(current.snapshot) / CONFIG_FILE)
@@ -204,7 +227,8 @@ def stop_current(target: ServingTarget, grace_s: float = 10.0) -> RunningServer 
     """Stop the recorded server (if it is still ours) and forget it; returns what was recorded."""
     current = read_current(target)
     if current is not None:
-        stop_server(current.pid, grace_s)
+        if current.pid is not None:
+            stop_server(current.pid, grace_s, current.create_time)
         write_current(target, None)
     return current
 
@@ -219,18 +243,6 @@ def _require_port_free(host: str, port: int) -> None:
                                  f"({exc.strerror})") from exc
 
 
-@contextmanager
-def _target_lock(target: ServingTarget) -> Iterator[None]:
-    """One rollout per target at a time: event triggers are at-least-once, so two deploys can overlap."""
-    import fcntl
-
-    path = Path(target.workdir).resolve() / ".lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        yield
-
-
 def rollout(target: ServingTarget, snapshot: Path, grace_s: float = 10.0) -> tuple[RunningServer, str | None]:
     """Switch the target's port to `snapshot`; returns (new server, previous deployment id or None).
 
@@ -240,7 +252,7 @@ def rollout(target: ServingTarget, snapshot: Path, grace_s: float = 10.0) -> tup
     Raises:
         LifecycleError: the new server failed to start, become healthy or pass the smoke test.
     """
-    with _target_lock(target):
+    with target_lock(target):
         return _rollout(target, snapshot, grace_s)
 
 
@@ -262,7 +274,7 @@ def _rollout(target: ServingTarget, snapshot: Path, grace_s: float) -> tuple[Run
 
 def _restore(target: ServingTarget, previous: RunningServer | None, failed: Path) -> str:
     """Restart the previous snapshot after a failed rollout; returns a line saying what happened."""
-    if previous is None or Path(previous.snapshot) == failed:
+    if previous is None or previous.snapshot is None or Path(previous.snapshot) == failed:
         return "no previous deployment to restore; nothing is serving"
     try:
         server = launch(Path(previous.snapshot), target.health_timeout_s)
@@ -271,3 +283,22 @@ def _restore(target: ServingTarget, previous: RunningServer | None, failed: Path
     write_current(target, server)
     return f"previous deployment {previous.deployment_id} restored (PID {server.pid})"
 
+
+class ProcessBackend:
+    """`ServingBackend` for `kind: process`: a process group on this machine, one port."""
+
+    kind = "process"
+
+    def prepare(self, target: ServingTarget, snapshot: Path) -> ServingImage | None:
+        """Nothing to build: the server runs straight from the snapshot folder and this checkout."""
+        return None
+
+    def rollout(self, target: ServingTarget, snapshot: Path, image: ServingImage | None,
+                grace_s: float = 10.0) -> tuple[RunningServer, str | None]:
+        return rollout(target, snapshot, grace_s)
+
+    def serving_now(self, target: ServingTarget, deployment: str) -> RunningServer | None:
+        return serving_now(target, deployment)
+
+    def stop_current(self, target: ServingTarget, grace_s: float = 10.0) -> RunningServer | None:
+        return stop_current(target, grace_s)

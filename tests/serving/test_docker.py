@@ -58,8 +58,8 @@ def snapshot(root: Path, model_dir: Path, deployment: str, index: IndexRef | Non
     folder.mkdir(parents=True)
     for name in (BOOSTER_FILE, SCHEMA_FILE):
         shutil.copy(model_dir / name, folder / name)
-    ServingConfig(model_dir=str(folder), index=index, lineage={"deployment_id": deployment, "model_version": deployment,
-                                                              "dataset_version": "dv-123"}).write(folder / "config.json")
+    lineage = {"deployment_id": deployment, "model_version": deployment, "dataset_version": "dv-123"}
+    ServingConfig(model_dir=str(folder), index=index, lineage=lineage).write(folder / "config.json")
     return folder
 
 
@@ -155,7 +155,7 @@ def image(docker_base_url, model_dir, index_ref, tmp_path_factory):
     target = target_for(root, docker_base_url)
     t0 = time.perf_counter()
     built = ds.build_image(target, snapshot(root, model_dir, "dep-good", index_ref))
-    print(f"serving image {built.tags} {di.image_summary(built)['size_mb']} MB in {time.perf_counter() - t0:.0f} s")
+    print(f"serving image {built.tags} {di.image_summary(built).size_mb} MB in {time.perf_counter() - t0:.0f} s")
     return built
 
 
@@ -203,7 +203,7 @@ def test_image_serves_predictions_search_and_lineage_as_non_root(docker_base_url
     assert image.attrs["Config"]["Healthcheck"]["Test"][0] == "CMD"
 
     client = di.docker_client(docker_base_url)
-    container = client.containers.get(server.container_id)
+    container = client.containers.get(server.container)
     assert container.exec_run(["id", "-u"]).output.decode().strip() == str(di.SERVING_UID)
     assert container.attrs["Config"]["User"] == f"{di.SERVING_UID}:{di.SERVING_UID}"
     assert container.attrs["HostConfig"]["CapDrop"] == ["ALL"]
@@ -211,7 +211,7 @@ def test_image_serves_predictions_search_and_lineage_as_non_root(docker_base_url
     bindings = [b for c in (edge, container) for b in c.attrs["NetworkSettings"]["Ports"][f"{di.CONTAINER_PORT}/tcp"]]
     assert {b["HostIp"] for b in bindings} == {"127.0.0.1"}  # nothing published beyond loopback
 
-    size = di.image_summary(image)["size_mb"]
+    size = di.image_summary(image).size_mb
     assert 300 < size < 2500, size
     print(f"image {image.id[:19]}: {size} MB")
 
@@ -234,6 +234,26 @@ def test_image_serves_predictions_search_and_lineage_as_non_root(docker_base_url
     assert "serving: deployment dep-good" in logs
     for where in (logs, caplog.text, json.dumps(container.attrs), json.dumps(image.attrs), str(image.history())):
         assert TOKEN not in where
+
+
+@pytest.mark.docker
+def test_image_holds_the_served_files_and_nothing_else(docker_base_url, image):
+    """/app/code of the built image is the manifest: no CLI, flows, stage code or Great Expectations."""
+    import io
+    import tarfile
+
+    from serving.manifest import served_files
+
+    client = di.docker_client(docker_base_url)
+    container = client.containers.create(image.id, ["true"])
+    try:
+        stream, _ = container.get_archive("/app/code")
+        archive = tarfile.open(fileobj=io.BytesIO(b"".join(stream)))
+        files = sorted(m.name.removeprefix("code/") for m in archive.getmembers() if m.isfile())
+    finally:
+        container.remove(force=True)
+    assert files == served_files()
+    assert not [f for f in files if f.startswith(("cli/", "flows/", "tasks/")) or "great_expectations" in f]
 
 
 @pytest.mark.docker
@@ -294,7 +314,8 @@ def test_failed_rollout_keeps_the_old_container_serving_and_a_good_one_switches_
     broken_dir = tmp_path / "broken-model"
     shutil.copytree(model_dir, broken_dir)
     schema = FeatureSchema.model_validate_json((model_dir / SCHEMA_FILE).read_bytes())
-    (broken_dir / SCHEMA_FILE).write_text(schema.model_copy(update={"task": Task.regression, "classes": []}).model_dump_json())
+    regression = schema.model_copy(update={"task": Task.regression, "classes": []})
+    (broken_dir / SCHEMA_FILE).write_text(regression.model_dump_json())
     broken_snapshot = with_target(snapshot(tmp_path, broken_dir, "dep-broken"), target)
     # on the session's dependency image (a model without index alone would pick the smaller core set)
     broken_image = di.build_app_image(client, image.labels["org.lifecycle.deps-image"], broken_snapshot,
@@ -311,7 +332,7 @@ def test_failed_rollout_keeps_the_old_container_serving_and_a_good_one_switches_
         assert message.startswith("deployment dep-broken: smoke test: prediction")
         assert "is not a number" in message and "deployment dep-old keeps serving" in message
         assert not client.containers.list(all=True, filters={"label": "org.lifecycle.deployment-id=dep-broken"})
-        assert ds.serving_now(target, "dep-old").container_id == old.container_id
+        assert ds.serving_now(target, "dep-old").container == old.container
 
         new, previous = ds.rollout(target, with_target(snapshot(tmp_path, model_dir, "dep-new"), target), image)
         assert previous == "dep-old"
@@ -322,6 +343,6 @@ def test_failed_rollout_keeps_the_old_container_serving_and_a_good_one_switches_
     assert not poller.errors, poller.errors[:3]
     assert set(poller.statuses) == {200} and poller.statuses[200] > 20, poller.statuses
     assert poller.deployments == ["dep-old", "dep-new"]  # never dep-broken, never a gap
-    assert ds.serving_now(target, "dep-new").container_id == new.container_id
-    gone = client.containers.list(all=True, filters={"id": old.container_id})
+    assert ds.serving_now(target, "dep-new").container == new.container
+    gone = client.containers.list(all=True, filters={"id": old.container})
     assert not gone  # the old container was stopped and removed after the switch

@@ -133,7 +133,8 @@ def _empty_run(mlflow: MlflowTarget) -> str:
 def test_server_started_elsewhere_is_served_and_stopped_by_pid(target, model_dir):
     """Like a server started by an earlier flow run: not our child, found by PID, stopped with its group."""
     snapshot = make_snapshot(target, model_dir, "dep-a")
-    code = "import sys; from pathlib import Path; from tasks.process_serving import start_server; print(start_server(Path(sys.argv[1])))"
+    code = ("import sys; from pathlib import Path; from tasks.process_serving import start_server; "
+            "print(start_server(Path(sys.argv[1])))")
     out = subprocess.run([sys.executable, "-c", code, str(snapshot)], capture_output=True, text=True, check=True,
                          cwd=srv.PROJECT_ROOT, env={**os.environ, "PYTHONPATH": str(srv.PROJECT_ROOT)})
     pid = int(out.stdout.strip().splitlines()[-1])
@@ -143,6 +144,10 @@ def test_server_started_elsewhere_is_served_and_stopped_by_pid(target, model_dir
         assert srv.smoke_test(config)["prediction"] in ("account", "billing", "shipping", "technical")
         assert srv.is_our_server(pid) and not srv.is_our_server(os.getpid())
         assert srv.stop_server(os.getpid()) is False  # never signals a process that is not our server
+        started = srv.start_time(pid)
+        assert started is not None and srv.is_our_server(pid, started)
+        # the same PID with another start time is another process (a reused PID): never ours, never signalled
+        assert not srv.is_our_server(pid, started - 60) and srv.stop_server(pid, 1, started - 60) is False
     finally:
         stopped = srv.stop_server(pid, grace_s=5)
     assert stopped and gone(pid)
@@ -154,6 +159,8 @@ def test_rollout_keeps_a_healthy_server_and_rolls_back_a_broken_one(target, mode
     good = make_snapshot(target, model_dir, "dep-a")
     first, previous = srv.rollout(target, good)
     assert previous is None and srv.read_current(target) == first
+    assert (first.kind, first.container, first.handle) == ("process", None, str(first.pid))
+    assert first.create_time == srv.start_time(first.pid)
     auth = {"Authorization": f"Bearer {TOKEN}"}
     assert httpx.get(f"{target.endpoint}/version", headers=auth).json()["deployment_id"] == "dep-a"
 
@@ -176,7 +183,8 @@ def test_rollout_keeps_a_healthy_server_and_rolls_back_a_broken_one(target, mode
     assert srv.serving_now(target, "dep-a") == restored
     assert srv.serving_now(target.model_copy(update={"api_token": SecretStr("rotated")}), "dep-a") is None
 
-    assert srv.stop_current(target, grace_s=5) == restored
+    assert serving.serving_now(target, "dep-a") == restored  # through the registry, by the target's kind
+    assert serving.stop_current(target, grace_s=5) == restored
     assert gone(restored.pid) and srv.read_current(target) is None
 
 
@@ -209,3 +217,14 @@ def test_an_endpoint_beyond_loopback_needs_a_token():
     serving.check_exposure(ServingTarget(host="0.0.0.0", api_token="t"))
     with pytest.raises(LifecycleError, match=r"binds 0.0.0.0:8765 beyond loopback without an api_token"):
         serving.check_exposure(ServingTarget(host="0.0.0.0"))
+
+
+def test_the_registry_picks_the_backend_of_the_targets_kind():
+    from tasks.docker_serving import DockerBackend
+    from tasks.process_serving import ProcessBackend
+
+    assert isinstance(serving.backend_for(ServingTarget(kind="process")), ProcessBackend)
+    assert isinstance(serving.backend_for(ServingTarget(kind="docker")), DockerBackend)
+    odd = ServingTarget().model_copy(update={"kind": "kubernetes"})
+    with pytest.raises(LifecycleError, match=r"kind 'kubernetes' has no backend \(known: docker, process\)"):
+        serving.backend_for(odd)
