@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from prefect import flow
-from prefect.logging import get_run_logger
 
+from flows.runner import Call, Input, Stage, produce
 from infra_blocks import DaskCompute, ObjectStore
 from lifecycle.records import DatasetVersion, EmbeddingSet, ValidationReport
 from lifecycle.spec import DatasetSpec
 from tasks.embeddings import embed_task, embedding_set_id
-from tasks.records import find_record, latest_record, publish_record
+from tasks.records import latest_record
 from tasks.validation import require_passed
 
 
@@ -20,12 +20,23 @@ def embed(spec: DatasetSpec, dataset: DatasetVersion, report: ValidationReport, 
 
     Rows of the previous embedding set whose id and text are unchanged are copied, not re-encoded.
     """
-    require_passed(report, dataset)
-    cached = find_record(store, EmbeddingSet, embedding_set_id(spec, dataset))
-    if cached is not None:
-        get_run_logger().info("embed %s: unchanged, using embedding set %s", spec.name, cached.id)
-        return cached
-    previous = latest_record(store, EmbeddingSet, spec.name)
-    record = embed_task(store, spec, dataset, compute, previous, inputs={"validation": report.id})
-    publish_record(store, record)
-    return record
+    return produce(STAGE, Call(spec, store, {"dataset": dataset, "validation": report}, (compute,)))
+
+
+def _work(call: Call, record_id: str | None) -> EmbeddingSet:
+    previous = latest_record(call.store, EmbeddingSet, call.spec.name)
+    return embed_task(call.store, call.spec, call.get(DatasetVersion), call.block(DaskCompute), previous,
+                      inputs={"validation": call.get(ValidationReport).id})
+
+
+def no_text_column(spec: DatasetSpec) -> str | None:
+    return None if spec.text_column else "no text column"
+
+
+STAGE = Stage(
+    name="embed", record=EmbeddingSet, inputs=(Input("dataset", "dataset"), Input("validation", "report")),
+    blocks=("compute",), flow=embed, work=_work,
+    record_id=lambda call: embedding_set_id(call.spec, call.get(DatasetVersion)),
+    require=lambda call: require_passed(call.get(ValidationReport), call.get(DatasetVersion)),
+    skip=no_text_column,
+)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from prefect import flow
-from prefect.logging import get_run_logger
 
+from flows.embed import no_text_column
+from flows.runner import Call, Input, Stage, produce
 from infra_blocks import ObjectStore, VectorStore
 from lifecycle.records import EmbeddingSet, IndexVersion
 from lifecycle.spec import DatasetSpec
 from tasks.lancedb_index import index_available, index_record_id, index_task
-from tasks.records import find_record, publish_record
 
 
 @flow(name="index")
@@ -18,11 +18,17 @@ def index(spec: DatasetSpec, embeddings: EmbeddingSet, store: ObjectStore, vecto
 
     A stored record is reused only while its table version still exists in this vector store.
     """
-    record_id = index_record_id(spec, embeddings, vectors)
-    cached = find_record(store, IndexVersion, record_id)
-    if cached is not None and index_available(vectors, cached):
-        get_run_logger().info("index %s: unchanged, using %s v%d", spec.name, cached.table, cached.table_version)
-        return cached
-    record = index_task(store, spec, embeddings, vectors, record_id)
-    publish_record(store, record)
-    return record
+    return produce(STAGE, Call(spec, store, {"embeddings": embeddings}, (vectors,)))
+
+
+def _work(call: Call, record_id: str | None) -> IndexVersion:
+    return index_task(call.store, call.spec, call.get(EmbeddingSet), call.block(VectorStore), record_id)
+
+
+STAGE = Stage(
+    name="index", record=IndexVersion, inputs=(Input("embeddings", "embeddings"),), blocks=("vectors",),
+    flow=index, work=_work,
+    record_id=lambda call: index_record_id(call.spec, call.get(EmbeddingSet), call.block(VectorStore)),
+    reuse=lambda call, record: index_available(call.block(VectorStore), record),
+    skip=no_text_column,
+)

@@ -6,10 +6,11 @@ import sys
 
 from prefect import flow
 
+from flows.runner import Call, Input, Stage, produce
 from infra_blocks import MlflowTarget, ObjectStore
 from lifecycle.records import ModelVersion, TrainedModel, code_version
 from lifecycle.spec import DatasetSpec
-from tasks.records import announce, find_record, publish_record
+from tasks.records import announce, publish_record
 
 
 def register_code_version() -> str:
@@ -23,28 +24,42 @@ def register_code_version() -> str:
 def register(spec: DatasetSpec, trained: TrainedModel, store: ObjectStore, mlflow: MlflowTarget) -> ModelVersion:
     """Register once per (trained model, model name, promotion rule, code); a cached decision is returned.
 
-    The champion alias moves together with the record: it is set, the record is published, and if
-    publishing fails the alias goes back to the previous champion. A promotion is also audited (the
-    chain `lifecycle rollback` walks) and announces `lifecycle.model.promoted`, which the deploy
-    trigger listens for.
-
     Raises:
         MlflowUnavailableError: MLflow stayed unreachable through the retries (one line; the champion
             is unchanged and no record was written).
     """
-    from tasks.promotion import register_audit
-    from tasks.registry import (PROMOTED_EVENT, model_version_id, register_task, restore_champion_task,
-                                set_champion_task)
+    return produce(STAGE, Call(spec, store, {"model": trained}, (mlflow,)))
 
-    version = register_code_version()
-    record_id = model_version_id(trained, mlflow.model_name(spec.name), spec.train.promotion_margin, version)
-    cached = find_record(store, ModelVersion, record_id)
-    if cached is not None:
-        return cached
-    record = register_task(spec, trained, store, mlflow, record_id, version)
+
+def _record_id(call: Call) -> str:
+    from tasks.registry import model_version_id
+
+    name = call.block(MlflowTarget).model_name(call.spec.name)
+    return model_version_id(call.get(TrainedModel), name, call.spec.train.promotion_margin, register_code_version())
+
+
+def _work(call: Call, record_id: str | None) -> ModelVersion:
+    from tasks.registry import register_task
+
+    assert record_id is not None
+    return register_task(call.spec, call.get(TrainedModel), call.store, call.block(MlflowTarget), record_id,
+                         register_code_version())
+
+
+def _publish(call: Call, record: ModelVersion) -> None:
+    """Publish the record; a promotion moves the champion alias together with it.
+
+    The alias is set, the record is published, and if publishing fails the alias goes back to the
+    previous champion. A promotion is also audited (the chain `lifecycle rollback` walks back) and
+    announces `lifecycle.model.promoted`, which the deploy trigger listens for.
+    """
+    from tasks.promotion import audit_promotion_task
+    from tasks.registry import PROMOTED_EVENT, restore_champion_task, set_champion_task
+
+    store, mlflow = call.store, call.block(MlflowTarget)
     if not record.promoted:
         publish_record(store, record)
-        return record
+        return
     previous = set_champion_task(mlflow, record)
     try:
         publish_record(store, record)
@@ -53,7 +68,10 @@ def register(spec: DatasetSpec, trained: TrainedModel, store: ObjectStore, mlflo
             restore_champion_task(mlflow, record, previous)
         raise
     if previous != record.version:
-        publish_record(store, register_audit(record, previous))
+        audit_promotion_task(store, mlflow, record, previous)
     announce(record, PROMOTED_EVENT)
     print(f"{record.model_name} v{record.version} is the champion: {record.decision}")
-    return record
+
+
+STAGE = Stage(name="register", record=ModelVersion, inputs=(Input("model", "trained"),), blocks=("mlflow",),
+              flow=register, work=_work, record_id=_record_id, publish=_publish)

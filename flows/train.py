@@ -7,11 +7,11 @@ import sys
 from prefect import flow
 
 import lifecycle.features
+from flows.runner import Call, Input, Stage, produce
 from infra_blocks import DaskCompute, MlflowTarget, ObjectStore
 from lifecycle.errors import LifecycleError
-from lifecycle.records import DatasetVersion, EmbeddingSet, TrainedModel, ValidationReport, code_version
+from lifecycle.records import DatasetVersion, EmbeddingSet, Record, TrainedModel, ValidationReport, code_version
 from lifecycle.spec import DatasetSpec
-from tasks.records import find_record, publish_record
 from tasks.validation import require_passed
 
 
@@ -35,17 +35,49 @@ def train(spec: DatasetSpec, dataset: DatasetVersion, report: ValidationReport, 
         QuarantinedError: the dataset version has no passing validation report.
         LifecycleError: one label class, embeddings requested but not given, or an unknown metric.
     """
-    from tasks.training import train_task, trained_model_id
+    return produce(STAGE, Call(spec, store, {"dataset": dataset, "validation": report, "embeddings": embeddings},
+                               (compute, mlflow)))
 
-    require_passed(report, dataset)
+
+def _require(call: Call) -> None:
+    dataset, embeddings = call.get(DatasetVersion), call.maybe(EmbeddingSet)
+    require_passed(call.get(ValidationReport), dataset)
     if embeddings is not None and embeddings.dataset_version != dataset.id:
         raise LifecycleError(f"embedding set {embeddings.id} is for dataset version {embeddings.dataset_version}, "
                              f"not {dataset.id}")
-    version = train_code_version()
-    record_id = trained_model_id(spec, dataset, embeddings, version)
-    cached = find_record(store, TrainedModel, record_id)
-    if cached is not None:
-        return cached
-    record = train_task(spec, dataset, report, store, compute, mlflow, record_id, version, embeddings)
-    publish_record(store, record)
-    return record
+
+
+def _record_id(call: Call) -> str:
+    from tasks.training import trained_model_id
+
+    return trained_model_id(call.spec, call.get(DatasetVersion), call.maybe(EmbeddingSet), train_code_version())
+
+
+def _work(call: Call, record_id: str | None) -> TrainedModel:
+    from tasks.training import train_task
+
+    assert record_id is not None
+    return train_task(call.spec, call.get(DatasetVersion), call.get(ValidationReport), call.store,
+                      call.block(DaskCompute), call.block(MlflowTarget), record_id, train_code_version(),
+                      call.maybe(EmbeddingSet))
+
+
+def _embeddings_of_the_version(call: Call) -> Record | None:
+    """Started alone without an embedding set: the one the embed stage made for this version."""
+    from tasks.embeddings import embedding_set_id
+    from tasks.records import find_record
+
+    dataset = call.get(DatasetVersion)
+    found = find_record(call.store, EmbeddingSet, embedding_set_id(call.spec, dataset))
+    if found is None:
+        raise LifecycleError(f"dataset version {dataset.id}: no embedding set yet; run stage-embed first")
+    return found
+
+
+STAGE = Stage(
+    name="train", record=TrainedModel,
+    inputs=(Input("dataset", "dataset"), Input("validation", "report"),
+            Input("embeddings", "embeddings", optional=True, wanted=lambda spec: spec.train.use_text_embeddings,
+                  find=_embeddings_of_the_version)),
+    blocks=("compute", "mlflow"), flow=train, work=_work, record_id=_record_id, require=_require,
+)

@@ -1,13 +1,15 @@
-"""Entry points of the deployments: stages started from record ids and a profile name.
+"""Entry points of the deployments: parts of the stage table started from record ids and a profile name.
 
 An event trigger, the UI's form or `run_deployment` can pass only small typed values, never blocks or
 records. So each entry point takes the ids of its input records (what the stage events carry) and the
-name of a profile, loads the records from the object store, the blocks from the Prefect API
-(`<profile>-<role>`) and the spec the dataset version was ingested with (tasks/specs.py), then calls
-the same stage flows that `flows/lifecycle.py` wires. Parameter types carry patterns, so with
-`enforce_parameter_schema` the server refuses a malformed id or name before a run exists.
+name of a profile; `_enter` loads the records from the object store, the blocks from the Prefect API
+(`<profile>-<role>`) and the spec the dataset version was ingested with (tasks/specs.py), then runs
+its part of the table (flows/stages.py) exactly as the lifecycle does. The flows below are one-line
+shims because prefect.yaml entrypoints and `enforce_parameter_schema` need real signatures; their
+parameters are the table's (`entry_params`), and types carry patterns, so the server refuses a
+malformed id or name before a run exists.
 
-The event chain (prefect.yaml triggers):
+The event chain (prefect.yaml triggers, `flows.stages.SEGMENTS`):
     lifecycle.dataset.landed    → landed (flows/watch.py; starts ingest-validate once per object)
     lifecycle.dataset.validated → build (embed → index, train → register)
     lifecycle.model.promoted    → stage-deploy
@@ -19,114 +21,117 @@ dataset never overlap, and the second finds the first one's records instead of r
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack
+from typing import TypeVar
 
 from prefect import flow, tags
 
-from flows.deploy import deploy
-from flows.embed import embed
-from flows.index import index
-from flows.ingest import ingest
 from flows.lifecycle import LifecycleResult, run_lifecycle
 from flows.params import DatasetName, ObjectUri, ProfileName, RecordId
-from flows.register import register
+from flows.stages import StagesRun, given_records, run_stages, segment
 from flows.subflows import without_subflow_heartbeat
-from flows.train import train
-from flows.validate import validate
-from lifecycle.errors import LifecycleError
-from lifecycle.records import (DatasetVersion, Deployment, EmbeddingSet, IndexVersion, ModelVersion, TrainedModel,
-                               ValidationReport)
+from lifecycle.records import (
+    DatasetVersion,
+    Deployment,
+    EmbeddingSet,
+    IndexVersion,
+    ModelVersion,
+    Record,
+    TrainedModel,
+    ValidationReport,
+)
 from lifecycle.spec import DatasetSpec
 from tasks.orchestration import CHAIN_TAG, dataset_lock, targets_for
-from tasks.records import find_record, latest_record, load_record
 from tasks.specs import registered_spec, save_spec_version, spec_for
 
-def _dataset_of(store, record_id: str) -> DatasetVersion:
-    return load_record(store, DatasetVersion, record_id)
+R = TypeVar("R", bound=Record)
 
 
-@contextmanager
-def _stage_work(dataset: str) -> Iterator[None]:
-    """Where an entry flow calls its stages: holding the dataset's lock (no overlapping work on one
-    dataset), the stage subflows sending no heartbeat of their own (this flow run keeps its)."""
-    with dataset_lock(dataset), without_subflow_heartbeat():
-        yield
+def _enter(names: tuple[str, ...] | None, profile: str | None, *, spec: DatasetSpec | None = None,
+           dataset: str | None = None, source: str | None = None, chain: bool = False,
+           ids: dict[str, str | None] | None = None) -> StagesRun | LifecycleResult:
+    """The one entry path: blocks of the profile, the spec, the records passed by id; then, holding the
+    dataset's lock, the named stages (None: the whole lifecycle).
+
+    The spec is, in this order: the one given (the lifecycle's form), the dataset's registered spec
+    with `source` (ingest of a landed object), or the one the passed records' dataset version was
+    ingested with.
+    """
+    _, targets = targets_for(profile)
+    store = targets.store
+    given = given_records(store, ids or {})
+    if spec is None and dataset is not None:
+        spec = registered_spec(store, dataset, source=source)
+    if spec is not None:
+        save_spec_version(store, spec)
+    else:
+        version = given["dataset"]
+        assert isinstance(version, DatasetVersion)
+        spec = spec_for(store, version)
+    with ExitStack() as stack:
+        if chain:
+            stack.enter_context(tags(CHAIN_TAG))
+        stack.enter_context(dataset_lock(spec.name))
+        stack.enter_context(without_subflow_heartbeat())
+        if names is None:
+            return run_lifecycle(spec, targets)
+        return run_stages(spec, targets, names, given)
+
+
+def _record(cls: type[R], run: StagesRun | LifecycleResult) -> R:
+    assert isinstance(run, StagesRun)
+    return run.get(cls)
+
+
+def _stage(cls: type[R], name: str, profile: str | None, **ids: str | None) -> R:
+    return _record(cls, _enter((name,), profile, ids=ids))
+
+
+def _segment(cls: type[R], deployment: str, profile: str | None, **kwargs: str | None) -> R:
+    part = segment(deployment)
+    dataset, source = kwargs.pop("dataset", None), kwargs.pop("source", None)
+    return _record(cls, _enter(part.stages, profile, dataset=dataset, source=source, chain=part.chain, ids=kwargs))
 
 
 @flow(name="lifecycle", log_prints=True)
 def lifecycle_deployment(spec: DatasetSpec, profile: ProfileName | None = None) -> LifecycleResult:
     """The whole lifecycle for one dataset spec (the nightly schedule and the UI's form start this)."""
-    _, targets = targets_for(profile)
-    save_spec_version(targets.store, spec)
-    with _stage_work(spec.name):
-        return run_lifecycle(spec, targets)
+    result = _enter(None, profile, spec=spec)
+    assert isinstance(result, LifecycleResult)
+    return result
 
 
 @flow(name="ingest-validate", log_prints=True)
 def ingest_validate(dataset: DatasetName, uri: ObjectUri, profile: ProfileName | None = None) -> ValidationReport:
     """Ingest a landed object with the dataset's registered spec, then validate the new version."""
-    _, targets = targets_for(profile)
-    store = targets.store
-    spec = registered_spec(store, dataset, source=uri)
-    save_spec_version(store, spec)
-    with tags(CHAIN_TAG), _stage_work(dataset):
-        version = ingest(spec, store)
-        return validate(spec, version, store)
+    return _segment(ValidationReport, "ingest-validate", profile, dataset=dataset, source=uri)
 
 
 @flow(name="build", log_prints=True)
 def build(validation: RecordId, profile: ProfileName | None = None) -> ModelVersion:
     """After a passing validation: embed → index and train → register (register announces a promotion)."""
-    _, targets = targets_for(profile)
-    store = targets.store
-    report = load_record(store, ValidationReport, validation)
-    version = _dataset_of(store, report.dataset_version)
-    spec = spec_for(store, version)
-    with tags(CHAIN_TAG), _stage_work(spec.name):
-        embeddings = None
-        if spec.text_column:
-            embeddings = embed(spec, version, report, store, targets.compute)
-            index(spec, embeddings, store, targets.vectors)
-        features = embeddings if spec.train.use_text_embeddings else None
-        trained = train(spec, version, report, store, targets.compute, targets.mlflow, features)
-        return register(spec, trained, store, targets.mlflow)
+    return _segment(ModelVersion, "build", profile, validation=validation)
 
 
 @flow(name="stage-ingest", log_prints=True)
 def ingest_entry(dataset: DatasetName, source: str | None = None, profile: ProfileName | None = None) -> DatasetVersion:
     """Ingest with the dataset's registered spec (from `source` when given, else the spec's own)."""
-    _, targets = targets_for(profile)
-    spec = registered_spec(targets.store, dataset, source=source)
-    save_spec_version(targets.store, spec)
-    with _stage_work(dataset):
-        return ingest(spec, targets.store)
+    return _record(DatasetVersion, _enter(("ingest",), profile, dataset=dataset, source=source))
 
 
 @flow(name="stage-validate", log_prints=True)
 def validate_entry(dataset_version: RecordId, profile: ProfileName | None = None) -> ValidationReport:
-    _, targets = targets_for(profile)
-    version = _dataset_of(targets.store, dataset_version)
-    with _stage_work(version.dataset):
-        return validate(spec_for(targets.store, version), version, targets.store)
+    return _stage(ValidationReport, "validate", profile, dataset_version=dataset_version)
 
 
 @flow(name="stage-embed", log_prints=True)
 def embed_entry(validation: RecordId, profile: ProfileName | None = None) -> EmbeddingSet:
-    _, targets = targets_for(profile)
-    report = load_record(targets.store, ValidationReport, validation)
-    version = _dataset_of(targets.store, report.dataset_version)
-    with _stage_work(version.dataset):
-        return embed(spec_for(targets.store, version), version, report, targets.store, targets.compute)
+    return _stage(EmbeddingSet, "embed", profile, validation=validation)
 
 
 @flow(name="stage-index", log_prints=True)
 def index_entry(embeddings: RecordId, profile: ProfileName | None = None) -> IndexVersion:
-    _, targets = targets_for(profile)
-    emb = load_record(targets.store, EmbeddingSet, embeddings)
-    version = _dataset_of(targets.store, emb.dataset_version)
-    with _stage_work(version.dataset):
-        return index(spec_for(targets.store, version), emb, targets.store, targets.vectors)
+    return _stage(IndexVersion, "index", profile, embeddings=embeddings)
 
 
 @flow(name="stage-train", log_prints=True)
@@ -134,46 +139,17 @@ def train_entry(validation: RecordId, embeddings: RecordId | None = None,
                 profile: ProfileName | None = None) -> TrainedModel:
     """Train on a validated version; with `train.use_text_embeddings` the version's embedding set is used
     (the one named, or the one the embed stage made for this version)."""
-    from tasks.embeddings import embedding_set_id
-
-    _, targets = targets_for(profile)
-    store = targets.store
-    report = load_record(store, ValidationReport, validation)
-    version = _dataset_of(store, report.dataset_version)
-    spec = spec_for(store, version)
-    emb = None
-    if embeddings:
-        emb = load_record(store, EmbeddingSet, embeddings)
-    elif spec.train.use_text_embeddings:
-        emb = find_record(store, EmbeddingSet, embedding_set_id(spec, version))
-        if emb is None:
-            raise LifecycleError(f"dataset version {version.id}: no embedding set yet; run stage-embed first")
-    with _stage_work(version.dataset):
-        return train(spec, version, report, store, targets.compute, targets.mlflow, emb)
+    return _stage(TrainedModel, "train", profile, validation=validation, embeddings=embeddings)
 
 
 @flow(name="stage-register", log_prints=True)
 def register_entry(trained: RecordId, profile: ProfileName | None = None) -> ModelVersion:
-    _, targets = targets_for(profile)
-    model = load_record(targets.store, TrainedModel, trained)
-    version = _dataset_of(targets.store, model.dataset_version)
-    with _stage_work(version.dataset):
-        return register(spec_for(targets.store, version), model, targets.store, targets.mlflow)
+    return _stage(ModelVersion, "register", profile, trained=trained)
 
 
 @flow(name="stage-deploy", log_prints=True)
 def deploy_entry(model_version: RecordId, index: RecordId | None = None,
                  profile: ProfileName | None = None) -> Deployment:
     """Serve a model version with the dataset's index (the one named, else the dataset's latest)."""
-    _, targets = targets_for(profile)
-    store = targets.store
-    model = load_record(store, ModelVersion, model_version)
-    trained = load_record(store, TrainedModel, model.trained_model)
-    version = _dataset_of(store, trained.dataset_version)
-    spec = spec_for(store, version)
-    if index:
-        index_version = load_record(store, IndexVersion, index)
-    else:
-        index_version = latest_record(store, IndexVersion, spec.name) if spec.text_column else None
-    with _stage_work(spec.name):
-        return deploy(spec, model, index_version, store, targets.mlflow, targets.vectors, targets.serving)
+    return _stage(Deployment, "deploy", profile, model_version=model_version, index=index)
+

@@ -8,20 +8,15 @@ import re
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
+from flows.runner import Call, Input, Stage, produce
 from infra_blocks import ObjectStore
 from lifecycle.errors import LifecycleError
 from lifecycle.records import DatasetVersion, ValidationReport
 from lifecycle.spec import DatasetSpec
-from tasks.records import find_record, publish_record
+from tasks.records import publish_record
 from tasks.validation import failure_line, report_id, report_markdown, validate_task, version_label
 
 QUARANTINED_EVENT = "lifecycle.dataset.quarantined"
-
-
-def _raise_if_failed(report: ValidationReport, dataset: DatasetVersion) -> ValidationReport:
-    if not report.success:
-        raise LifecycleError(f"{version_label(dataset)} failed validation: {failure_line(report)}")
-    return report
 
 
 @flow(name="validate", log_prints=True)
@@ -31,14 +26,32 @@ def validate(spec: DatasetSpec, dataset: DatasetVersion, store: ObjectStore) -> 
     Raises:
         LifecycleError: the version failed validation (also when that verdict was cached).
     """
-    cached = find_record(store, ValidationReport, report_id(spec, dataset))
-    if cached is not None:
-        return _raise_if_failed(cached, dataset)
-    report = validate_task(store, spec, dataset)
-    publish_record(store, report, event=None if report.success else QUARANTINED_EVENT)
+    return produce(STAGE, Call(spec, store, {"dataset": dataset}))
+
+
+def _work(call: Call, record_id: str | None) -> ValidationReport:
+    return validate_task(call.store, call.spec, call.get(DatasetVersion))
+
+
+def _publish(call: Call, report: ValidationReport) -> None:
+    """A failing report is published as the quarantine event; either way the verdict becomes an artifact."""
+    dataset = call.get(DatasetVersion)
+    publish_record(call.store, report, event=None if report.success else QUARANTINED_EVENT)
     create_markdown_artifact(
-        markdown=report_markdown(report, store),
+        markdown=report_markdown(report, call.store),
         key=f"validation-{re.sub(r'[^a-z0-9-]', '-', dataset.dataset.lower())}",
         description=f"Validation of {version_label(dataset)}",
     )
-    return _raise_if_failed(report, dataset)
+
+
+def _raise_if_failed(call: Call, report: ValidationReport) -> ValidationReport:
+    if not report.success:
+        raise LifecycleError(f"{version_label(call.get(DatasetVersion))} failed validation: {failure_line(report)}")
+    return report
+
+
+STAGE = Stage(
+    name="validate", record=ValidationReport, inputs=(Input("dataset", "dataset"),), blocks=(), flow=validate,
+    work=_work, record_id=lambda call: report_id(call.spec, call.get(DatasetVersion)), publish=_publish,
+    accept=_raise_if_failed,
+)

@@ -1,15 +1,21 @@
-"""Moving `champion` by hand: `lifecycle promote` (gated like the register stage) and `lifecycle rollback`.
+"""Who is champion, and moving it by hand: `lifecycle promote` (gated like register) and `lifecycle rollback`.
 
 Why this shape:
+- The MLflow alias `models:/NAME@champion` is the one source of truth for who is champion: deploy,
+  promote and rollback all start from `get_model_version_by_alias`. The store holds no second answer.
 - Every decision, a refused promotion included, is a `PromotionAudit` record in the store AND tags on
-  the model version(s) in MLflow, so "who moved champion, when and why" has the same answer in both.
-- Rollback walks the audit chain rather than guessing "version - 1": the champion before v7 may be v3
+  the model version(s) in MLflow. The audits are the alias's history, linked like a list: each move
+  names, in `inputs["promotion"]`, the promotion that put the champion it builds on in place, and
+  the champion's version carries the id of the audit that made it champion (`lifecycle.champion_audit`).
+  Rollback therefore reads one or two audit records, walking back from the champion, where it used
+  to list every audit and model-version record of the store on each run.
+- Rollback walks that chain rather than guessing "version - 1": the champion before v7 may be v3
   (v4-v6 were never promoted), and after a rollback the next one goes further back, not forward.
 - A manual promotion is judged exactly as the register stage judges: the version's own holdout, the
   current champion scored on those rows through its pyfunc, the spec's metric and margin. `force`
   overrides the judgement and says so in the record.
-- The register stage writes an audit for each automatic promotion too (`register_audit`); for models
-  promoted before audits existed, the promoted ModelVersion records stand in for them.
+- Versions promoted before the chain existed fall back to what register tagged on them
+  (`lifecycle.promoted`, `lifecycle.champion_version`), and their record to a listing of records.
 """
 
 from __future__ import annotations
@@ -17,13 +23,26 @@ from __future__ import annotations
 import getpass
 from typing import Any
 
+from prefect import task
+
 from infra_blocks import MlflowTarget, ObjectStore
 from lifecycle.errors import LifecycleError
-from lifecycle.records import (DatasetVersion, ModelVersion, PromotionAudit, TrainedModel, parse_record, stable_hash,
-                               utcnow)
+from lifecycle.records import (
+    DatasetVersion,
+    ModelVersion,
+    PromotionAudit,
+    TrainedModel,
+    parse_record,
+    stable_hash,
+    utcnow,
+)
 from lifecycle.spec import DatasetSpec
-from tasks.records import find_record, save_record
-from tasks.registry import CHAMPION, TAG, champion_version, judge, reaching
+from tasks.records import announce, find_record, save_record
+from tasks.registry import CHAMPION, MLFLOW_RETRY, TAG, champion_version, judge, reaching
+
+CHAMPION_AUDIT = f"{TAG}champion_audit"  # version tag: the audit that last made this version champion
+RECORD_TAG = f"{TAG}record"  # version tag: the version's ModelVersion record (tasks/registry.py)
+LINK = PromotionAudit.kind  # audit input: the promotion the champion it builds on came from
 
 
 def _actor(actor: str | None) -> str:
@@ -44,54 +63,134 @@ def new_audit(dataset: str, model_name: str, action: str, version: str, previous
                           previous=previous, moved=moved, decision=decision, actor=actor, inputs=inputs or {})
 
 
-def register_audit(record: ModelVersion, previous: str | None) -> PromotionAudit:
-    """The audit of an automatic promotion by the register stage."""
+def register_audit(store: ObjectStore, target: MlflowTarget, record: ModelVersion,
+                   previous: str | None) -> PromotionAudit:
+    """The audit of an automatic promotion by the register stage, linked to the champion it replaced."""
+    behind = None
+    if previous is not None:
+        with reaching(target, f"reading {record.model_name} v{previous}", "the promotion has no audit"):
+            behind = promotion_in_effect(store, target.client().get_model_version(record.model_name, previous))
     return new_audit(record.dataset, record.model_name, "register", record.version, previous, True, record.decision,
-                     "register stage", {"model_version": record.id})
+                     "register stage", {"model_version": record.id, **_link(behind)})
+
+
+@task(name="audit-promotion", tags=["lifecycle", "register"], **MLFLOW_RETRY)
+def audit_promotion_task(store: ObjectStore, target: MlflowTarget, record: ModelVersion,
+                         previous: str | None) -> PromotionAudit:
+    """Save, announce and tag the audit of a promotion the register stage made (after the alias moved)."""
+    audit = register_audit(store, target, record, previous)
+    save_record(store, audit)
+    announce(audit)
+    with reaching(target, f"tagging {record.model_name} v{record.version}", "the promotion has no audit tags"):
+        _tag_decision(target, audit)
+    return audit
 
 
 def audits(store: ObjectStore, model_name: str) -> list[PromotionAudit]:
-    """Every audit of a registered model, oldest first."""
-    found = [parse_record(PromotionAudit, store.read_bytes(k)) for k in store.list_keys(f"records/{PromotionAudit.kind}")]
+    """Every audit of a registered model, oldest first: a listing of the store, for people and tests.
+
+    No stage and no command reads it: they walk the chain back from the champion.
+    """
+    keys = store.list_keys(f"records/{PromotionAudit.kind}")
+    found = [parse_record(PromotionAudit, store.read_bytes(k)) for k in keys]
     return sorted((a for a in found if a.model_name == model_name), key=lambda a: a.created_at)
 
 
-def _model_versions(store: ObjectStore, model_name: str) -> list[ModelVersion]:
-    found = [parse_record(ModelVersion, store.read_bytes(k)) for k in store.list_keys(f"records/{ModelVersion.kind}")]
-    return sorted((m for m in found if m.model_name == model_name), key=lambda m: m.created_at)
-
-
 def model_version_record(store: ObjectStore, model_name: str, version: str) -> ModelVersion | None:
-    """The newest ModelVersion record of a registry version (the record deploy needs)."""
-    matches = [m for m in _model_versions(store, model_name) if m.version == version]
+    """The newest ModelVersion record of a registry version, by listing the records: only for versions
+    registered before `lifecycle.record` was tagged on them."""
+    found = [parse_record(ModelVersion, store.read_bytes(k)) for k in store.list_keys(f"records/{ModelVersion.kind}")]
+    matches = sorted((m for m in found if m.model_name == model_name and m.version == version),
+                     key=lambda m: m.created_at)
     return matches[-1] if matches else None
 
 
-def previous_champion(store: ObjectStore, model_name: str, version: str) -> str | None:
-    """The champion `version` replaced when it last became champion by promotion (not by a rollback)."""
-    for audit in reversed(audits(store, model_name)):
-        if audit.moved and audit.action != "rollback" and audit.version == version:
-            return audit.previous
-    for record in reversed(_model_versions(store, model_name)):  # promoted before audits existed
-        if record.promoted and record.version == version:
-            return record.champion_version
-    return None
+def record_of(store: ObjectStore, mv: Any) -> ModelVersion | None:
+    """The ModelVersion record of a registry version (`mv` as MLflow returns it, with its tags)."""
+    record_id = mv.tags.get(RECORD_TAG)
+    if record_id:
+        return find_record(store, ModelVersion, record_id)
+    return model_version_record(store, mv.name, str(mv.version))
 
 
-def audited_champion(store: ObjectStore, dataset: str, model_name: str) -> ModelVersion | None:
-    """The champion according to the store: the newest audit that moved it, else the newest promoted
-    record. What a deploy after a manual promote/rollback should serve (MLflow's alias says the same)."""
-    moved = [a for a in audits(store, model_name) if a.moved and a.dataset == dataset]
-    if moved:
-        return model_version_record(store, model_name, moved[-1].version)
-    promoted = [m for m in _model_versions(store, model_name) if m.promoted and m.dataset == dataset]
-    return promoted[-1] if promoted else None
+def champion_record(store: ObjectStore, target: MlflowTarget, dataset: str,
+                    made: ModelVersion | None = None) -> ModelVersion | None:
+    """The record of the version `@champion` points at now (None: no champion yet): what deploy serves.
+
+    Args:
+        made: a record the caller already holds (this run's register); returned when it is the champion's.
+
+    Raises:
+        LifecycleError: the champion's version has no record in the store.
+        MlflowUnavailableError: the tracking server could not be reached.
+    """
+    name = target.model_name(dataset)
+    with reaching(target, f"reading {name}@{CHAMPION}", "nothing was deployed"):
+        mv = champion_version(target.client(), name)
+    if mv is None:
+        return None
+    if made is not None and made.model_name == name and made.version == str(mv.version):
+        return made
+    record = record_of(store, mv)
+    if record is None:
+        raise LifecycleError(f"{name}@{CHAMPION} is v{mv.version}, which has no ModelVersion record in {store.url}")
+    return record
+
+
+def champion_audit(store: ObjectStore, mv: Any) -> PromotionAudit | None:
+    """The audit that made `mv` champion (the head of the chain), if it is tagged and still in the store."""
+    audit_id = mv.tags.get(CHAMPION_AUDIT)
+    audit = find_record(store, PromotionAudit, audit_id) if audit_id else None
+    return audit if audit is not None and audit.moved and audit.version == str(mv.version) else None
+
+
+def promotion_in_effect(store: ObjectStore, mv: Any) -> PromotionAudit | None:
+    """The promotion (register or promote) that put champion `mv` in place: its own audit, or for a
+    rollback the promotion that rollback went back to. Reads one or two records."""
+    head = champion_audit(store, mv)
+    if head is None or head.action != "rollback":
+        return head
+    link = head.inputs.get(LINK)
+    return find_record(store, PromotionAudit, link) if link else None
+
+
+def _link(audit: PromotionAudit | None) -> dict[str, str]:
+    return {LINK: audit.id} if audit is not None else {}
+
+
+def previous_champion(store: ObjectStore, mv: Any) -> tuple[str | None, PromotionAudit | None]:
+    """The champion `mv` replaced when it became champion by promotion, and the promotion that had made
+    that one champion (what a rollback restores); (None, None) when there was none."""
+    undone = promotion_in_effect(store, mv)
+    if undone is not None:
+        link = undone.inputs.get(LINK)
+        return undone.previous, find_record(store, PromotionAudit, link) if link else None
+    if mv.tags.get(f"{TAG}promoted") == "true":  # promoted by register before audits were linked
+        return mv.tags.get(f"{TAG}champion_version") or None, None
+    return None, None
+
+
+def champion_history(store: ObjectStore, target: MlflowTarget, dataset: str, limit: int = 10) -> list[PromotionAudit]:
+    """The moves behind the current champion, newest first, read back one audit at a time (for the CLI)."""
+    name = target.model_name(dataset)
+    with reaching(target, f"reading {name}@{CHAMPION}"):
+        mv = champion_version(target.client(), name)
+    trail: list[PromotionAudit] = []
+    audit = champion_audit(store, mv) if mv is not None else None
+    while audit is not None and len(trail) < limit:
+        trail.append(audit)
+        link = audit.inputs.get(LINK)
+        audit = find_record(store, PromotionAudit, link) if link else None
+    return trail
 
 
 def _tag_decision(target: MlflowTarget, audit: PromotionAudit) -> None:
-    """The decision on the version it concerns, on the demoted champion, and on the registered model."""
+    """The decision on the version it concerns, on the demoted champion, and on the registered model; a
+    move also makes the audit the head of the chain (`lifecycle.champion_audit` on the new champion)."""
     client = target.client()
     text = f"{audit.action} by {audit.actor}: {audit.decision}"
+    if audit.moved:
+        client.set_model_version_tag(audit.model_name, audit.version, CHAMPION_AUDIT, audit.id)
     client.set_model_version_tag(audit.model_name, audit.version, f"{TAG}decision", audit.decision)
     client.set_model_version_tag(audit.model_name, audit.version, f"{TAG}audit.{audit.id}", text[:5000])
     if audit.moved and audit.previous and audit.previous != audit.version:
@@ -155,9 +254,10 @@ def promote_version(spec: DatasetSpec, store: ObjectStore, target: MlflowTarget,
             _dataset_check(store, trained, spec)
             moved, text, _ = judge(spec, trained, store, name, version, current)
             text += note
-        record = model_version_record(store, name, version)
+        record = record_of(store, mv)
+        behind = promotion_in_effect(store, current) if moved and current is not None else None
         audit = new_audit(spec.name, name, "promote", version, previous, moved, text, who,
-                          {"model_version": record.id} if record else {})
+                          {**({"model_version": record.id} if record else {}), **_link(behind)})
         if moved:
             client.set_registered_model_alias(name, CHAMPION, version)
         save_record(store, audit)  # right after the move: a moved alias always has its audit
@@ -176,7 +276,7 @@ def _dataset_check(store: ObjectStore, trained: TrainedModel, spec: DatasetSpec)
 
 def rollback_champion(dataset: str, store: ObjectStore, target: MlflowTarget, *, reason: str = "",
                       actor: str | None = None) -> PromotionAudit:
-    """Point `champion` back at the version the current champion replaced (from the audit chain).
+    """Point `champion` back at the version the current champion replaced, read back from its audit.
 
     Raises:
         LifecycleError: no champion, or no earlier champion in the audit chain.
@@ -189,22 +289,22 @@ def rollback_champion(dataset: str, store: ObjectStore, target: MlflowTarget, *,
         if current is None:
             raise LifecycleError(f"model {name} has no champion to roll back")
         now = str(current.version)
-        back = previous_champion(store, name, now)
+        back, restored = previous_champion(store, current)
         if back is None:
             raise LifecycleError(f"{name}@{CHAMPION} is v{now}: the audit trail in {store.url} names no champion "
                                  "before it")
-        record = model_version_record(store, name, back)
+        record = record_of(store, _get_version(client, name, back))
         text = f"rolled back: v{back} is the champion again, v{now} demoted" + (f" ({reason})" if reason else "")
         audit = new_audit(dataset, name, "rollback", back, now, True, text, who,
-                          {"model_version": record.id} if record else {})
+                          {**({"model_version": record.id} if record else {}), **_link(restored)})
         client.set_registered_model_alias(name, CHAMPION, back)
         save_record(store, audit)
         _tag_decision(target, audit)
     return audit
 
 
-def champion_summary(store: ObjectStore, model_name: str, limit: int = 10) -> list[dict[str, Any]]:
-    """The latest decisions, newest first (for the CLI)."""
+def champion_summary(store: ObjectStore, target: MlflowTarget, dataset: str, limit: int = 10) -> list[dict[str, Any]]:
+    """The moves behind the current champion, newest first, as rows (for the CLI)."""
     return [{"when": a.created_at.strftime("%Y-%m-%d %H:%M:%S"), "action": a.action, "version": a.version,
              "previous": a.previous or "", "moved": a.moved, "actor": a.actor, "decision": a.decision}
-            for a in reversed(audits(store, model_name)[-limit:])]
+            for a in champion_history(store, target, dataset, limit)]

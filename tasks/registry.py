@@ -5,7 +5,9 @@ Why this shape:
   challenger beats the current champion by `train.promotion_margin` on the primary metric, measured
   on the SAME holdout (the challenger's dataset version, split by the same id hash). Comparing numbers
   that each model scored on its own data would promote by luck of the split.
-- The decision (text, both values) is written on the version as tags and into the ModelVersion record.
+- The decision (text, both values) is written on the version as tags and into the ModelVersion record;
+  the tag `lifecycle.record` names that record, so "the champion's record" is one alias lookup and one
+  read (tasks/promotion.py), not a listing of the store.
 - Creating the version is idempotent (a version is found again by its run and trained-model tag), so a
   retry after a dropped connection does not register a second copy.
 - An unreachable tracking server becomes `MlflowUnavailableError`: retried by the tasks, and once the
@@ -270,7 +272,7 @@ def _register(spec: DatasetSpec, trained: TrainedModel, store: ObjectStore, targ
     challenger = float(trained.metrics[metric])
     current = champion_version(client, name)
     promote, text, champ_value = judge(spec, trained, store, name, str(mv.version), current)
-    decision_tags = {"decision": text, "promoted": str(promote).lower(), "metric": metric,
+    decision_tags = {"record": record_id, "decision": text, "promoted": str(promote).lower(), "metric": metric,
                      "challenger_value": f"{challenger:.6g}",
                      "champion_value": "" if champ_value is None else f"{champ_value:.6g}",
                      "champion_version": str(current.version) if current is not None else ""}
@@ -307,20 +309,22 @@ def restore_champion(target: MlflowTarget, record: ModelVersion, previous: str |
             client.set_registered_model_alias(record.model_name, CHAMPION, previous)
 
 
-_RETRY = dict(retries=3, retry_delay_seconds=[2, 5, 10], retry_condition_fn=retry_on_connection_error)
+# The retries of every task that talks to MLflow: transient failures only, with growing delays.
+MLFLOW_RETRY: dict[str, Any] = dict(retries=3, retry_delay_seconds=[2, 5, 10],
+                                    retry_condition_fn=retry_on_connection_error)
 
 
-@task(name="register-model-version", tags=["lifecycle", "register"], **_RETRY)
+@task(name="register-model-version", tags=["lifecycle", "register"], **MLFLOW_RETRY)
 def register_task(spec: DatasetSpec, trained: TrainedModel, store: ObjectStore, target: MlflowTarget,
                   record_id: str, version: str) -> ModelVersion:
     return register_version(spec, trained, store, target, record_id, version)
 
 
-@task(name="set-champion", tags=["lifecycle", "register"], **_RETRY)
+@task(name="set-champion", tags=["lifecycle", "register"], **MLFLOW_RETRY)
 def set_champion_task(target: MlflowTarget, record: ModelVersion) -> str | None:
     return set_champion(target, record)
 
 
-@task(name="restore-champion", tags=["lifecycle", "register"], **_RETRY)
+@task(name="restore-champion", tags=["lifecycle", "register"], **MLFLOW_RETRY)
 def restore_champion_task(target: MlflowTarget, record: ModelVersion, previous: str | None) -> None:
     restore_champion(target, record, previous)

@@ -113,7 +113,8 @@ def test_versions_point_at_their_logged_model_and_run(scenario, world):
         assert mv.source == trained.model_uri and mv.run_id == trained.run_id
         listed = json.loads(client.get_logged_model(trained.model_uri.removeprefix("models:/"))
                             .tags["mlflow.modelVersions"])
-        assert [e for e in listed if e["name"] == "tickets"] == [{"name": "tickets", "version": int(registered.version)}]
+        mine = [e for e in listed if e["name"] == "tickets"]
+        assert mine == [{"name": "tickets", "version": int(registered.version)}]
 
 
 def test_promotions_are_announced(scenario):
@@ -210,8 +211,15 @@ def _cli(*args: str):
 def test_register_audits_each_automatic_promotion(scenario, world):
     from tasks.promotion import audits
 
-    trail = [(a.action, a.version, a.previous, a.moved) for a in audits(world["store"], "tickets")]
-    assert trail == [("register", "1", None, True), ("register", "2", "1", True)]
+    trail = audits(world["store"], "tickets")
+    assert [(a.action, a.version, a.previous, a.moved) for a in trail] == [("register", "1", None, True),
+                                                                          ("register", "2", "1", True)]
+    # Linked like a list from the champion: v2 carries its audit, which names the promotion behind it.
+    first, second = trail
+    assert "promotion" not in first.inputs and second.inputs["promotion"] == first.id
+    client = world["mlflow"].client()
+    assert client.get_model_version("tickets", "2").tags["lifecycle.champion_audit"] == second.id
+    assert client.get_model_version("tickets", "2").tags["lifecycle.record"] == scenario["steps"]["strong"][2].id
 
 
 def test_promote_refuses_a_worse_version_and_records_why(scenario, world):
@@ -234,14 +242,14 @@ def test_promote_refuses_a_worse_version_and_records_why(scenario, world):
 
 
 def test_cli_rollback_restores_the_previous_champion(scenario, world):
-    from tasks.promotion import audited_champion
+    from tasks.promotion import champion_record
 
     out = _cli("rollback", "tickets", "--reason", "latency regression", "--profile", _profile(world))
     assert out.exit_code == 0, out.output
     assert "tickets@champion → v1: rolled back: v1 is the champion again, v2 demoted (latency regression)" in out.output
     assert _aliases(world)["champion"] == "1"
     weak = scenario["steps"]["weak"][2]
-    assert audited_champion(world["store"], "tickets", "tickets") == weak  # what a deploy should now serve
+    assert champion_record(world["store"], world["mlflow"], "tickets") == weak  # what a deploy now serves
     demoted = world["mlflow"].client().get_model_version("tickets", "2").tags
     assert any(v.startswith("demoted: v1 replaced it (rollback") for k, v in demoted.items()
                if k.startswith("lifecycle.audit."))
@@ -263,6 +271,10 @@ def test_cli_promotes_a_better_version_and_rollback_walks_the_chain(scenario, wo
     # v2 replaced v1 when promoted; v1 was the first champion: a second rollback has nowhere to go.
     assert _cli("rollback", "tickets", "--profile", profile).exit_code == 0
     assert _aliases(world)["champion"] == "1"
+    from tasks.promotion import champion_history
+
+    moves = [(a.action, a.version, a.previous) for a in champion_history(world["store"], world["mlflow"], "tickets")]
+    assert moves == [("rollback", "1", "2"), ("register", "1", None)]  # back to v1's own promotion, then none
     stuck = _cli("rollback", "tickets", "--profile", profile)
     assert stuck.exit_code == 1 and "names no champion before it" in stuck.output
     assert _aliases(world)["champion"] == "1"
