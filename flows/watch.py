@@ -21,8 +21,16 @@ from prefect.logging import get_run_logger
 from flows.params import ObjectUri, ProfileName
 from infra_blocks import ObjectStore
 from lifecycle.errors import LifecycleError
-from tasks.landing import (LandedObject, Watermark, landed_event, landed_object, list_landing, load_watermark,
-                           plan_scan, save_watermark)
+from tasks.landing import (
+    LandedObject,
+    Watermark,
+    landed_event,
+    landed_object,
+    list_landing,
+    load_watermark,
+    plan_scan,
+    save_watermark,
+)
 from tasks.orchestration import CHAIN_TAG, start_once, targets_for
 
 INGEST_VALIDATE = "ingest-validate/ingest-validate"

@@ -65,7 +65,8 @@ def triggers():
 def test_triggers_chain_the_stages_on_the_events_the_code_emits():
     found = triggers()
     assert set(found) == {("landed", LANDED_EVENT), ("build", ValidationReport.event), ("deploy", PROMOTED_EVENT)}
-    assert found[("build", ValidationReport.event)]["match"]["prefect.resource.id"] == f"lifecycle.{ValidationReport.kind}.*"
+    validated = found[("build", ValidationReport.event)]["match"]["prefect.resource.id"]
+    assert validated == f"lifecycle.{ValidationReport.kind}.*"
     assert found[("deploy", PROMOTED_EVENT)]["match"]["prefect.resource.id"] == "lifecycle.model_version.*"
     for key in (("build", ValidationReport.event), ("deploy", PROMOTED_EVENT)):
         assert found[key]["match_related"] == {"prefect.resource.id": f"prefect.tag.{CHAIN_TAG}"}
@@ -90,4 +91,5 @@ def test_gpu_pools_request_gpus_and_accept_the_job_variables():
     for name, template in (("gpu-docker", docker), ("gpu-k8s", k8s)):
         job_vars = DEPLOYMENTS[name]["work_pool"]["job_variables"]
         assert set(job_vars) <= set(template["variables"]["properties"]), name
-        assert DEPLOYMENTS[name]["pull"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == "/opt/lifecycle"
+        step = DEPLOYMENTS[name]["pull"][0]["prefect.deployments.steps.set_working_directory"]
+        assert step["directory"] == "/opt/lifecycle"

@@ -50,9 +50,9 @@ def test_up_on_postgresql_runs_one_lifecycle_with_the_prod_profile_and_down_stop
 
     from cli.app import app
     from cli.server import api_context, read_state
-    from tasks.processes import is_running
     from infra_blocks.profiles import load_targets
     from lifecycle.records import Deployment
+    from tasks.processes import is_running
     from tasks.records import latest_record
 
     prefect_db, mlflow_db = postgres_database("prefect"), postgres_database("mlflow")
@@ -63,7 +63,8 @@ def test_up_on_postgresql_runs_one_lifecycle_with_the_prod_profile_and_down_stop
         "AWS_REGION": "us-east-1", "LIFECYCLE_LAKE_URL": f"s3://{BUCKET}/{prefix}/lake",
         "LIFECYCLE_S3_ENDPOINT": s3_endpoint, "LIFECYCLE_S3_ALLOW_HTTP": "true",
         "LIFECYCLE_LANCEDB_URI": f"s3://{BUCKET}/{prefix}/lancedb", "MLFLOW_S3_ENDPOINT_URL": s3_endpoint,
-        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}", "LIFECYCLE_MLFLOW_ARTIFACTS": "mlflow-artifacts:/lifecycle",
+        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
+        "LIFECYCLE_MLFLOW_ARTIFACTS": "mlflow-artifacts:/lifecycle",
         "LIFECYCLE_DASK_MODE": "local", "LIFECYCLE_DASK_PROTOCOL": "tcp", "LIFECYCLE_SERVING_KIND": "process",
         "LIFECYCLE_SERVING_PORT": str(serving_port), "LIFECYCLE_API_TOKEN": "prod-secret",
     }.items():

@@ -74,7 +74,8 @@ def test_run_on_a_users_csv_then_rerun_is_cached(home, tmp_path):
     current = json.loads((home / "serving" / "current.json").read_text())
     endpoint = f"http://127.0.0.1:{current['port']}"
     rows = frame.drop(columns=["churned"]).head(3)
-    answer = httpx.post(f"{endpoint}/invocations", json={"dataframe_split": json.loads(rows.to_json(orient="split", index=False))})
+    payload = {"dataframe_split": json.loads(rows.to_json(orient="split", index=False))}
+    answer = httpx.post(f"{endpoint}/invocations", json=payload)
     assert answer.status_code == 200, answer.text
     assert all(p["prediction"] in ("yes", "no") for p in answer.json()["predictions"])
     hits = httpx.post(f"{endpoint}/search", json={"query": "wants to cancel", "k": 3}).json()["results"]

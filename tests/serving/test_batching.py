@@ -30,7 +30,8 @@ def write_text_model(path: Path, rows: int = 300) -> Path:
     schema = build_schema(spec, cats, sorted(frame[spec.label_column].unique()), embedding_dim=EMBED_DIM)
     emb = encode(prepare_texts(frame[spec.text_column], 2000))
     dtrain = xgb.DMatrix(feature_matrix(frame, schema, emb), encode_labels(frame[spec.label_column], schema),
-                         feature_names=schema.feature_names, feature_types=schema.feature_types, enable_categorical=True)
+                         feature_names=schema.feature_names, feature_types=schema.feature_types,
+                         enable_categorical=True)
     booster = xgb.train({"objective": "multi:softprob", "num_class": len(schema.classes), "max_depth": 3,
                          "nthread": 1}, dtrain, num_boost_round=10)
     path.mkdir(parents=True, exist_ok=True)
@@ -57,7 +58,8 @@ def test_concurrent_text_requests_share_encoder_batches_and_keep_their_own_answe
 
     async def fire() -> list[httpx.Response]:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://serving") as client:
-            calls = [client.post("/invocations", json={"dataframe_records": [r], "params": {"probabilities": i % 2 == 0}})
+            calls = [client.post("/invocations",
+                                 json={"dataframe_records": [r], "params": {"probabilities": i % 2 == 0}})
                      for i, r in enumerate(rows)]
             calls.append(client.post("/invocations", json={"dataframe_records": [bad]}))
             return await asyncio.gather(*calls)

@@ -120,7 +120,8 @@ def test_an_unreachable_server_becomes_one_transient_line(monkeypatch):
     ("API request to http://h/api failed with exception HTTPConnectionPool(host='h', port=5000): Max retries "
      "exceeded (Caused by NewConnectionError('<x>: Failed to establish a new connection: [Errno 111] Connection "
      "refused'))", "Connection refused"),
-    ("API request to http://h/api failed with exception ReadTimeoutError: Read timed out. (read timeout=5)", "timed out"),
+    ("API request to http://h/api failed with exception ReadTimeoutError: Read timed out. (read timeout=5)",
+     "timed out"),
     ("(psycopg.OperationalError) connection failed: server closed the connection\nunexpectedly",
      "(psycopg.OperationalError) connection failed: server closed the connection"),
 ])

@@ -79,7 +79,8 @@ def test_suite_from_spec_covers_schema_ids_labels_ranges_nulls_and_rows():
     assert by_kind[("expect_column_values_to_not_be_null", "category")].mostly == 1
     assert by_kind[("expect_column_values_to_not_be_null", "sentiment")].mostly == pytest.approx(0.95)
     assert ("expect_column_values_to_be_unique", "ticket_id") in by_kind
-    assert set(by_kind[("expect_column_values_to_be_in_set", "category")].value_set) == set(SAMPLE_SPEC["expectations"]["allowed_labels"])
+    allowed = set(SAMPLE_SPEC["expectations"]["allowed_labels"])
+    assert set(by_kind[("expect_column_values_to_be_in_set", "category")].value_set) == allowed
     classes = by_kind[("expect_column_unique_value_count_to_be_between", "category")]
     assert (classes.min_value, classes.max_value) == (2, None)
     sentiment = by_kind[("expect_column_values_to_be_between", "sentiment")]
@@ -162,7 +163,8 @@ def test_missing_column_and_too_few_rows_reported_once(lake):
 def test_report_for_another_version_is_refused(lake, sample_spec, dataset_version):
     report = run_validation(lake, sample_spec, dataset_version)
     other = dataset_version.model_copy(update={"id": "0" * 16})
-    with pytest.raises(QuarantinedError, match=rf"tickets@{'0' * 16} is quarantined: .* is for tickets@{dataset_version.id}"):
+    quarantined = rf"tickets@{'0' * 16} is quarantined: .* is for tickets@{dataset_version.id}"
+    with pytest.raises(QuarantinedError, match=quarantined):
         require_passed(report, other)
 
 
