@@ -177,7 +177,9 @@ def running_api_url(home: Path, timeout_s: float = 2.0) -> str | None:
         state = read_state(home)
     except (OSError, ValueError):  # pydantic's ValidationError is a ValueError
         return None
-    servers = [p for p in state.processes if p.name == "prefect-server"] if state else []
+    if state is None:
+        return None
+    servers = [p for p in state.processes if p.name == "prefect-server"]
     if not servers or not all(is_running(p) for p in servers):
         return None
     try:
@@ -218,7 +220,7 @@ def register_sample(store) -> str | None:
     from lifecycle.spec import parse_spec
     from tasks.specs import register_spec, registered_key
 
-    if store.exists(registered_key(SAMPLE_SPEC["name"])):
+    if store.exists(registered_key(str(SAMPLE_SPEC["name"]))):
         return None
     spec = parse_spec({**SAMPLE_SPEC, "source": store.uri(f"landing/{SAMPLE_SPEC['name']}")})
     return register_spec(store, spec)
@@ -254,19 +256,20 @@ def bring_up(profile: str, home: Path, host: str = "127.0.0.1", prefect_port: in
     try:
         server = start_prefect_server(home, host, prefect_port, prefect_db)
         started.append(server)
+        api_url = server.url or f"http://{host}:{prefect_port}/api"
         mlflow_url = None
         if mlflow:
             backend = mlflow_db or f"sqlite:///{(home / 'mlflow.db').resolve()}"
             ml = start_mlflow_server(home, host, mlflow_port, backend, mlflow_artifacts)
             started.append(ml)
             mlflow_url = ml.url
-        record(server.url, mlflow_url)
-        wait_http(server, f"{server.url}/health")
-        say(f"Prefect server  {server.url.removesuffix('/api')}")
+        record(api_url, mlflow_url)
+        wait_http(server, f"{api_url}/health")
+        say(f"Prefect server  {api_url.removesuffix('/api')}")
         if mlflow:
             wait_http(started[-1], f"{mlflow_url}/health")
             say(f"MLflow server   {mlflow_url}")
-        with api_context(server.url):
+        with api_context(api_url):
             from tasks.orchestration import set_default_profile
 
             pools = create_work_pools()
@@ -280,12 +283,12 @@ def bring_up(profile: str, home: Path, host: str = "127.0.0.1", prefect_port: in
             from lifecycle.sample import write_sample
 
             write_sample(home / "sample")
-        deploy_all(server.url, home, repo)
+        deploy_all(api_url, home, repo)
         say("deployments     prefect deploy --all done")
         if worker:
-            started.append(start_worker(home, server.url, query_seconds=query_seconds))
+            started.append(start_worker(home, api_url, query_seconds=query_seconds))
             say("worker          lifecycle-process")
-        return record(server.url, mlflow_url)
+        return record(api_url, mlflow_url)
     except BaseException:
         for proc in reversed(started):
             stop_process(proc)
