@@ -12,6 +12,7 @@ import pytest
 
 import flows.ingest
 import tasks.ingest
+import tasks.sources
 from flows.ingest import ingest
 from infra_blocks import MlflowTarget, ObjectStore, ServingTarget, VectorStore
 from infra_blocks.profiles import Targets
@@ -141,7 +142,7 @@ def test_endpoint_stopped_mid_ingest_fails_after_retries_then_rerun_gives_the_sa
 
     # Several small parts, and the endpoint stops as soon as the first one is in the store.
     monkeypatch.setattr(tasks.ingest, "ROWS_PER_PART", 1000)
-    monkeypatch.setattr(tasks.ingest, "BLOCK_BYTES", 32 << 10)
+    monkeypatch.setattr(tasks.sources, "BLOCK_BYTES", 32 << 10)
     seen = {"attempts": 0, "stop": True}
     ingest_fn = tasks.ingest.ingest_dataset
 
