@@ -32,24 +32,21 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field
 
-from flows.deploy import deploy
+from flows.deploy import STAGE as DEPLOY
 from flows.embed import STAGE as EMBED
 from flows.index import STAGE as INDEX
 from flows.ingest import STAGE as INGEST
 from flows.register import STAGE as REGISTER
-from flows.runner import Call, Input, Stage
+from flows.runner import Call, Stage
 from flows.train import STAGE as TRAIN
 from flows.validate import STAGE as VALIDATE
-from infra_blocks import MlflowTarget, ObjectStore
+from infra_blocks import ObjectStore
 from infra_blocks.profiles import Targets
 from lifecycle import progress
 from lifecycle.errors import LifecycleError
 from lifecycle.records import (
     RECORD_TYPES,
     DatasetVersion,
-    Deployment,
-    IndexVersion,
-    ModelVersion,
     Record,
     ValidationReport,
     utcnow,
@@ -59,29 +56,6 @@ from lifecycle.spec import DatasetSpec
 R = TypeVar("R", bound=Record)
 
 PROMOTED_EVENT = "lifecycle.model.promoted"  # tasks.registry.PROMOTED_EVENT, without importing MLflow here
-
-
-def _champion(call: Call) -> Record | None:
-    """Deploy serves the champion: the version `@champion` points at now, whichever run promoted it."""
-    from tasks.promotion import champion_record
-
-    return champion_record(call.store, call.block(MlflowTarget), call.spec.name, made=call.maybe(ModelVersion))
-
-
-def _latest_index(call: Call) -> Record | None:
-    """Deploy started alone without an index: the dataset's newest one (search serves the newest data)."""
-    from tasks.records import latest_record
-
-    return latest_record(call.store, IndexVersion, call.spec.name) if call.spec.text_column else None
-
-
-# flows/deploy.py keeps its own find → roll out → publish (a failed rollout publishes a `failed` record).
-DEPLOY = Stage(
-    name="deploy", record=Deployment,
-    inputs=(Input("model_version", "model", pick=_champion, missing="no champion"),
-            Input("index", "index", optional=True, find=_latest_index)),
-    blocks=("mlflow", "vectors", "serving"), flow=deploy,
-)
 
 STAGES: tuple[Stage[Any], ...] = (INGEST, VALIDATE, EMBED, INDEX, TRAIN, REGISTER, DEPLOY)
 BY_NAME = {stage.name: stage for stage in STAGES}

@@ -1,4 +1,4 @@
-"""The deploy flow end to end: MLflow run → snapshot → server process → record; cached, replaced, revived."""
+"""The deploy flow end to end: MLflow run → snapshot → server process → record; cached, replaced, revived, failed."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prefect import flow
 
-from flows.deploy import deploy
-from infra_blocks import ServingTarget, VectorStore
+from flows.deploy import STAGE, deploy
+from flows.runner import Call
+from infra_blocks import MlflowTarget, ServingTarget, VectorStore
 from lifecycle.errors import LifecycleError
 from lifecycle.records import Deployment, IndexVersion, TrainedModel
 from lifecycle.sample import SAMPLE_SPEC
@@ -66,6 +68,35 @@ def test_deploy_serves_then_is_cached_then_replaced(tmp_path_factory, lake, targ
     assert srv.read_current(serving) is None
 
 
+def test_an_exposed_target_without_a_token_is_refused_before_anything(tmp_path, lake):
+    """The row's `require`: nothing is downloaded, rolled out or recorded for an open bind without a token."""
+    serving = ServingTarget(host="0.0.0.0", port=free_port(), workdir=str(tmp_path / "serving"))
+    mlflow = MlflowTarget(tracking_uri=f"sqlite:///{tmp_path / 'never-opened.db'}")
+    model = model_version("run-never-read")
+    with pytest.raises(LifecycleError, match="beyond loopback without an api_token"):
+        deploy(SPEC, model, None, lake, mlflow, VectorStore(uri=str(tmp_path / "lancedb")), serving)
+    assert not (tmp_path / "serving").exists() and not (tmp_path / "never-opened.db").exists()
+    assert not list((tmp_path / "lake").rglob("*deployment*"))
+
+
+def test_a_stored_deployment_stands_only_while_its_server_answers(tmp_path, lake, targets):
+    """The row's `reuse`: a `serving` record whose server is gone, or a `failed` one, rolls out again."""
+    serving, vectors = targets
+    mlflow = MlflowTarget(tracking_uri=f"sqlite:///{tmp_path / 'never-opened.db'}")
+    call = Call(SPEC, lake, {"model_version": model_version("run-x"), "index": None}, (mlflow, vectors, serving))
+    record_id = STAGE.record_id(call)
+    stored = Deployment(id=record_id, dataset="tickets", model_name="tickets", model_version="1", index_version=None,
+                        target="process", endpoint=serving.endpoint, handle="1", status="serving")
+
+    @flow
+    def stands(record: Deployment) -> bool:  # the reuse check asks the target through a task
+        assert STAGE.reuse is not None
+        return STAGE.reuse(call, record)
+
+    assert not stands(stored)  # nothing serves the target
+    assert not stands(stored.model_copy(update={"status": "failed"}))
+
+
 def small_index(vectors: VectorStore) -> IndexVersion:
     """A 40-row LanceDB table shaped like the index stage's (id, vector, text, metadata), tagged."""
     import numpy as np
@@ -114,6 +145,39 @@ def _run_with_files(mlflow, model_dir: Path) -> str:
     with mlflow_lib.start_run(experiment_id=mlflow.experiment_id()) as run:
         mlflow_lib.log_artifacts(str(model_dir), artifact_path=RUN_ARTIFACT_DIR)
     return run.info.run_id
+
+
+def test_a_failed_process_rollout_is_recorded_and_the_old_server_restored(tmp_path_factory, tmp_path, lake,
+                                                                            targets):
+    """A model that fails its smoke test fails the flow with the reason, is published as `failed`, and the
+    previous deployment is restarted; deploying the good model again is then the stored record."""
+    from lifecycle.features import FeatureSchema
+    from lifecycle.spec import Task
+    from serving.model import SCHEMA_FILE
+    from tasks.serving import deployment_id
+    from tests.serving.test_app import write_model_dir
+
+    serving, vectors = targets
+    mlflow, run_id = mlflow_run(tmp_path_factory)
+    broken_dir = write_model_dir(tmp_path / "broken")
+    schema = FeatureSchema.model_validate_json((broken_dir / SCHEMA_FILE).read_bytes())
+    (broken_dir / SCHEMA_FILE).write_text(schema.model_copy(update={"task": Task.regression, "classes": []}
+                                                            ).model_dump_json())
+    broken = model_version(_run_with_files(mlflow, broken_dir), "2")
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    try:
+        first = deploy(SPEC, model_version(run_id, "1"), None, lake, mlflow, vectors, serving)
+        with pytest.raises(LifecycleError, match="smoke test: prediction .* is not a number") as err:
+            deploy(SPEC, broken, None, lake, mlflow, vectors, serving)
+        assert f"previous deployment {first.id} restored" in str(err.value)
+        failed = find_record(lake, Deployment, deployment_id(broken, None, serving))
+        assert failed.status == "failed" and "smoke test" in failed.reason and "\n" not in failed.reason
+        assert failed.inputs == {"model_version": "mv2"} and failed.handle == ""
+        assert httpx.get(f"{serving.endpoint}/version", headers=auth).json()["deployment_id"] == first.id
+        assert find_record(lake, Deployment, first.id) == first
+        assert deploy(SPEC, model_version(run_id, "1"), None, lake, mlflow, vectors, serving) == first
+    finally:
+        srv.stop_current(serving, grace_s=5)
 
 
 @pytest.mark.docker

@@ -20,6 +20,13 @@ def test_the_table_is_the_dag_in_topological_order():
         stages.check_order(backwards)
 
 
+def test_every_stage_takes_the_generic_path():
+    """Each row has its work, so `produce` is the one find → run → publish path (none does its own)."""
+    assert [s.name for s in stages.STAGES if s.work is None] == []
+    deploy = stages.BY_NAME["deploy"]
+    assert None not in (deploy.require, deploy.record_id, deploy.reuse, deploy.publish)
+
+
 def test_text_stages_are_skipped_without_a_text_column(sample_spec):
     no_text = sample_spec.model_copy(update={"text_column": None})
     reasons = {s.name: s.skip(no_text) if s.skip else None for s in stages.STAGES}
