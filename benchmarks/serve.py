@@ -10,11 +10,13 @@ What is compared, side by side in one run on this machine:
   encoder (1 torch thread). MLflow's baseline is its best variant: pinned or not, torch threads default or 1.
 - image size: our serving images against an image of the same model built the same way (same base,
   offline from the wheelhouse) with `mlflow` + the model's own requirements instead of our server.
+- kept components (benchmarks/serve_edge.py): the tabular model through the HAProxy edge against
+  direct, and gunicorn with uvicorn workers against our SO_REUSEPORT supervisor (same worker count).
 
 wrk (Debian's, installed with apt-get when missing) runs with one thread pinned to the last CPU and
 one-process servers (ours, MLflow) are pinned to CPU 0; the two-process server is left unpinned. A Lua
 script sends the POST body and prints the latency percentiles wrk measured (`--latency`).
-Usage: python -m benchmarks.serve [--seconds 10] [--skip-text] [--skip-docker] [--skip-images]
+Usage: python -m benchmarks.serve [--seconds 10] [--skip-text|-images|-mlflow|-edge|-workers] [--results FILE]
 """
 
 from __future__ import annotations
@@ -33,7 +35,13 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.harness import record
+from benchmarks.harness import RESULTS, record
+
+_results = RESULTS  # where `rec` appends; main() sets it from --results
+
+
+def rec(*args: object, **kw: object) -> dict:
+    return record(*args, results=_results, **kw)  # type: ignore[arg-type]  # into this run's results file
 
 ROOT = Path(__file__).resolve().parent.parent
 LUA = """
@@ -42,9 +50,9 @@ wrk.headers["Content-Type"] = "application/json"
 wrk.body = [==[%s]==]
 done = function(summary, latency, requests)
   local e = summary.errors
-  io.write(string.format("WRKJSON {\\"requests\\": %%d, \\"duration_us\\": %%d, \\"p50_us\\": %%d, \\"p90_us\\": %%d, " ..
-    "\\"p99_us\\": %%d, \\"errors\\": %%d, \\"non2xx\\": %%d}\\n", summary.requests, summary.duration,
-    latency:percentile(50), latency:percentile(90), latency:percentile(99),
+  io.write(string.format("WRKJSON {\\"requests\\": %%d, \\"duration_us\\": %%d, \\"p50_us\\": %%d, " ..
+    "\\"p90_us\\": %%d, \\"p99_us\\": %%d, \\"errors\\": %%d, \\"non2xx\\": %%d}\\n", summary.requests,
+    summary.duration, latency:percentile(50), latency:percentile(90), latency:percentile(99),
     e.connect + e.read + e.write + e.timeout, e.status))
 end
 """
@@ -91,7 +99,8 @@ def train_model(dest: Path, text: bool, rows: int = 4000, rounds: int = 200) -> 
     schema = build_schema(spec, cats, sorted(frame[spec.label_column].unique().tolist()),
                           embedding_dim=EMBED_DIM if text else 0)
     dtrain = xgb.DMatrix(feature_matrix(frame, schema, emb), encode_labels(frame[spec.label_column], schema),
-                         feature_names=schema.feature_names, feature_types=schema.feature_types, enable_categorical=True)
+                         feature_names=schema.feature_names, feature_types=schema.feature_types,
+                         enable_categorical=True)
     params = {"objective": "multi:softprob", "num_class": len(schema.classes), "max_depth": 6, "nthread": 2}
     booster = xgb.train(params, dtrain, num_boost_round=rounds)
     dest.mkdir(parents=True, exist_ok=True)
@@ -113,7 +122,8 @@ def save_pyfunc(model_dir: Path, dest: Path) -> Path:
     mlflow.pyfunc.save_model(str(dest), python_model=LifecycleModel(), code_paths=code_paths(dest.parent),
                              artifacts={"booster": str(model_dir / "booster.json"),
                                         "feature_schema": str(model_dir / "feature_schema.json")},
-                             signature=signature, pip_requirements=pip_requirements(bool(predictor.schema.embedding_dim)))
+                             signature=signature,
+                             pip_requirements=pip_requirements(bool(predictor.schema.embedding_dim)))
     return dest
 
 
@@ -171,7 +181,8 @@ def mlflow_server(pyfunc: Path, port: int, log: Path, threads: str | None = None
     """`mlflow models serve` (its defaults; `threads` sets OMP_NUM_THREADS, i.e. torch's threads)."""
     mlflow_bin = str(Path(sys.executable).parent / "mlflow")
     env = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", **({"OMP_NUM_THREADS": threads} if threads else {})}
-    cmd = [mlflow_bin, "models", "serve", "-m", str(pyfunc), "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
+    cmd = [mlflow_bin, "models", "serve", "-m", str(pyfunc), "--env-manager", "local", "-h", "127.0.0.1",
+           "-p", str(port)]
     return start(pinned(cmd) if pin else cmd, f"http://127.0.0.1:{port}/ping", log, env=env)
 
 
@@ -190,7 +201,8 @@ def wrk(url: str, payload: str, seconds: int, connections: int, lua_dir: Path) -
     script.write_text(LUA % payload)
     cpu = str((os.cpu_count() or 1) - 1)
     out = subprocess.run(["taskset", "-c", cpu, ensure_wrk(), "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
-                          "--timeout", "10s", "-s", str(script), url], capture_output=True, text=True, timeout=seconds + 60)
+                          "--timeout", "10s", "-s", str(script), url], capture_output=True, text=True,
+                         timeout=seconds + 60)
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("WRKJSON ")), None)
     if line is None:
         raise RuntimeError(f"wrk gave no summary: {out.stdout[-500:]} {out.stderr[-500:]}")
@@ -228,13 +240,14 @@ def bench_model(kind: str, text: bool, args, work: Path) -> dict[str, dict]:
     port = free_port()
     # MLflow's baseline is the best of its variants: pinned to CPU 0 like our one-process server, or
     # free to use both cores; for the text model also with torch on one thread.
-    variants = [("pinned to CPU 0", None, True), ("unpinned", None, False)]
+    variants: list[tuple[str, str | None, bool]] = [("pinned to CPU 0", None, True), ("unpinned", None, False)]
     if text:
         variants.append(("pinned to CPU 0, OMP_NUM_THREADS=1", "1", True))
     for i, (label, threads, pin) in enumerate(variants):
         port = free_port()
         r = measure(f"{kind} mlflow models serve, {label}",
-                    lambda: mlflow_server(pyfunc, port, work / f"{kind}-mlflow{i}.log", threads=threads, pin=pin),
+                    lambda port=port, i=i, threads=threads, pin=pin: mlflow_server(
+                        pyfunc, port, work / f"{kind}-mlflow{i}.log", threads=threads, pin=pin),
                     f"http://127.0.0.1:{port}/invocations", payload, args, work)
         if "mlflow" not in results or r["rps"] > results["mlflow"]["rps"]:
             results["mlflow"] = {**r, "variant": label}
@@ -242,7 +255,8 @@ def bench_model(kind: str, text: bool, args, work: Path) -> dict[str, dict]:
         port = free_port()
         results[f"ours{workers}"] = measure(
             f"{kind} ours, {workers} process(es)",
-            lambda: our_server(model_dir, port, workers, work / f"{kind}-ours{workers}.log"),
+            lambda port=port, workers=workers: our_server(
+                model_dir, port, workers, work / f"{kind}-ours{workers}.log"),
             f"http://127.0.0.1:{port}/invocations", payload, args, work)
     return results
 
@@ -269,6 +283,7 @@ def image_sizes(work: Path) -> None:
 
     from serving.pyfunc import pip_requirements
     from tasks import docker_images as di
+    from tasks.serving_common import tar
 
     try:
         client = di.docker_client(None)
@@ -282,10 +297,12 @@ def image_sizes(work: Path) -> None:
                               {"deployment_id": "bench-image-size"})
     roots = ["mlflow", *(r.split("==")[0] for r in pip_requirements(False))]
     ref_deps = di.deps_image(client, base, False, roots=roots, kind="mlflow")
-    entries = [("Dockerfile", REF_DOCKERFILE.encode(), 0o644, 0)]
-    entries += [(f"model/{p.relative_to(pyfunc).as_posix()}", p, 0o644, 0) for p in sorted(pyfunc.rglob("*")) if p.is_file()]
-    ref, _ = client.images.build(fileobj=io.BytesIO(di._tar(entries)), custom_context=True, tag="lifecycle-bench:mlflow-ref",
-                                 buildargs={"DEPS_IMAGE": ref_deps}, rm=True, forcerm=True, pull=False)
+    entries: list[tuple[str, Path | bytes, int, int]] = [("Dockerfile", REF_DOCKERFILE.encode(), 0o644, 0)]
+    entries += [(f"model/{p.relative_to(pyfunc).as_posix()}", p, 0o644, 0)
+                for p in sorted(pyfunc.rglob("*")) if p.is_file()]
+    ref, _ = client.images.build(fileobj=io.BytesIO(tar(entries)), custom_context=True,
+                                 tag="lifecycle-bench:mlflow-ref", buildargs={"DEPS_IMAGE": ref_deps}, rm=True,
+                                 forcerm=True, pull=False)
     container = client.containers.run(ref.id, detach=True, ports={"8080/tcp": ("127.0.0.1", None)})
     try:
         deadline, ok = time.monotonic() + 120, False
@@ -303,13 +320,27 @@ def image_sizes(work: Path) -> None:
     ours_mb, ref_mb = ours.attrs["Size"] / 1e6, ref.attrs["Size"] / 1e6
     base_mb = client.images.get(base).attrs["Size"] / 1e6
     print(f"  images: ours {ours_mb:.0f} MB, mlflow reference {ref_mb:.0f} MB (base {base_mb:.0f} MB)")
-    record("serve.image.size (tabular model, core image)", ours_mb, "MB",
+    rec("serve.image.size (tabular model, core image)", ours_mb, "MB",
            baseline=f"same base ({base_mb:.0f} MB) + mlflow + the model's requirements, offline, `mlflow models serve`",
            baseline_value=ref_mb, higher_is_better=False, goal="smaller than the mlflow image")
     search = di.image_exists(client, di.deps_spec(client, base, True)[0])
     if search is not None:
-        record("serve.image.size (search image: + LanceDB, torch CPU, MiniLM)", search.attrs["Size"] / 1e6, "MB",
+        rec("serve.image.size (search image: + LanceDB, torch CPU, MiniLM)", search.attrs["Size"] / 1e6, "MB",
                goal="reported (no mlflow+torch reference built)")
+
+
+def kept(model_dir: Path, args: argparse.Namespace, work: Path, trees: int) -> None:
+    """The kept-component comparisons (benchmarks/serve_edge.py) on the tabular model."""
+    from benchmarks import serve_edge
+
+    payload = body(model_dir)
+    if not args.skip_edge:
+        pair = serve_edge.bench_edge(model_dir, payload, args, work)
+        if pair is not None:
+            serve_edge.record_edge(rec, *pair, args.connections, trees)
+    if not args.skip_workers:
+        ours, gunicorn = serve_edge.bench_workers(model_dir, payload, args, work)
+        serve_edge.record_workers(rec, ours, gunicorn, args.connections, args.workers)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -319,32 +350,46 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=50, help="boosting rounds (x 4 classes = trees)")
     parser.add_argument("--skip-text", action="store_true")
     parser.add_argument("--skip-images", action="store_true")
+    parser.add_argument("--skip-mlflow", action="store_true", help="no MLflow comparisons (tabular and text)")
+    parser.add_argument("--skip-edge", action="store_true", help="no HAProxy edge against direct")
+    parser.add_argument("--skip-workers", action="store_true", help="no gunicorn against our supervisor")
+    parser.add_argument("--edge-rounds", type=int, default=2, help="direct/edge alternations")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes, ours and gunicorn's")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="JSON lines the figures are appended to")
     args = parser.parse_args(argv)
+    global _results
+    _results = args.results
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     ensure_wrk()
     c = args.connections
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         work = Path(tmp)
         trees = args.rounds * 4
-        tab = bench_model("tabular", False, args, work)
-        base = tab["mlflow"]
+        tab = {} if args.skip_mlflow else bench_model("tabular", False, args, work)
+        model_dir = work / "tabular-model"
+        if not model_dir.exists():
+            train_model(model_dir, text=False, rounds=args.rounds)
+        kept(model_dir, args, work, trees)
+        base = tab.get("mlflow")
         for key, label in (("ours1", "1 process, pinned to CPU 0"), ("ours2", "2 processes, SO_REUSEPORT, unpinned")):
+            if base is None:
+                break
             r = tab[key]
-            record(f"serve.tabular.rps ({label}, c={c}, {trees} trees, 1 row)", r["rps"], "req/s",
+            rec(f"serve.tabular.rps ({label}, c={c}, {trees} trees, 1 row)", r["rps"], "req/s",
                    baseline=f"mlflow models serve --env-manager local, best variant: {base['variant']} ({note(base)})",
                    baseline_value=base["rps"], goal="≥ 10× MLflow's req/s")
-            record(f"serve.tabular.p50 ({label}, c={c})", r["p50_ms"], "ms", baseline="mlflow models serve p50",
+            rec(f"serve.tabular.p50 ({label}, c={c})", r["p50_ms"], "ms", baseline="mlflow models serve p50",
                    baseline_value=base["p50_ms"], higher_is_better=False)
-            record(f"serve.tabular.p99 ({label}, c={c})", r["p99_ms"], "ms", baseline="mlflow models serve p99",
+            rec(f"serve.tabular.p99 ({label}, c={c})", r["p99_ms"], "ms", baseline="mlflow models serve p99",
                    baseline_value=base["p99_ms"], higher_is_better=False, goal="p99 ≤ 10 ms")
-        if not args.skip_text:
+        if not args.skip_text and not args.skip_mlflow:
             txt = bench_model("text", True, args, work)
             ours, ref = txt["ours1"], txt["mlflow"]
-            record(f"serve.text.rps (MiniLM features, micro-batched, 1 process, c={c})", ours["rps"],
+            rec(f"serve.text.rps (MiniLM features, micro-batched, 1 process, c={c})", ours["rps"],
                    "req/s", baseline=f"mlflow models serve of the same pyfunc, best variant: {ref['variant']} "
                    f"({note(ref)})",
                    baseline_value=ref["rps"], goal="≥ 3× MLflow's req/s")
-            record(f"serve.text.p99 (micro-batched, 1 process, c={c})", ours["p99_ms"], "ms",
+            rec(f"serve.text.p99 (micro-batched, 1 process, c={c})", ours["p99_ms"], "ms",
                    baseline="mlflow models serve p99", baseline_value=ref["p99_ms"], higher_is_better=False)
         if not args.skip_images:
             image_sizes(work)

@@ -9,7 +9,6 @@ plus the `__init__.py` of each package on the way. Imports under `TYPE_CHECKING`
 functions count too: a file that might be imported is served. A test checks the list against what
 the interpreter really loads.
 
-`serving/edge.py` is left out: the edge runs in its own image, made and hashed from that one file.
 A served module that imports any other project package (cli, flows, tasks, infra_blocks) is refused,
 because the image and the MLflow model would not carry it.
 """
@@ -23,7 +22,6 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SERVED_PACKAGES = ("serving", "lifecycle")
 PROJECT_PACKAGES = ("cli", "flows", "tasks", "infra_blocks", "deployments", *SERVED_PACKAGES)
-NOT_SERVED = ("serving.edge",)  # its own image (tasks/docker_images.edge_image)
 DOCKERFILE = "serving/Dockerfile"
 
 
@@ -61,7 +59,7 @@ def _imported(tree: ast.AST, module: str, is_package: bool) -> set[str]:
 def _closure(root: Path) -> list[str]:
     roots = sorted(f"serving.{p.stem}" for p in (root / "serving").glob("*.py") if p.stem != "__init__")
     seen: set[str] = set()
-    stack = [m for m in roots if m not in NOT_SERVED]
+    stack = list(roots)
     while stack:
         module = stack.pop()
         path = _module_file(root, module)
@@ -73,7 +71,7 @@ def _closure(root: Path) -> list[str]:
         tree = ast.parse(path.read_bytes(), filename=str(path))
         for name in _imported(tree, module, path.name == "__init__.py"):
             top = name.split(".")[0]
-            if top in SERVED_PACKAGES and name not in NOT_SERVED:
+            if top in SERVED_PACKAGES:
                 stack.append(name)
             elif top in PROJECT_PACKAGES:
                 raise ManifestError(f"{path.relative_to(root)} imports {name}: served code may import only "

@@ -49,7 +49,7 @@ from tasks.serving_wheels import (
 
 # The wheelhouse functions stay importable from here: image builds and their tests reach them as one module.
 __all__ = ["app_context", "app_entries", "build_app_image", "build_image", "build_wheelhouse", "deps_image",
-           "docker_client", "edge_image", "image_summary", "locked_versions", "requirements_closure",
+           "docker_client", "image_summary", "locked_versions", "requirements_closure",
            "serving_requirements"]
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -57,7 +57,6 @@ SERVING_UID = 10001
 CONTAINER_PORT = 8080
 DEPS_REPO = "lifecycle-serving-deps"
 APP_REPO = "lifecycle-serving"
-EDGE_REPO = "lifecycle-edge"
 LABEL = "org.lifecycle"
 MODEL_FILES = ("booster.json", "feature_schema.json")
 # Trimmed from the venv before the commit: never imported by a server (tests, C headers).
@@ -256,30 +255,6 @@ def build_image(target: ServingTarget, snapshot: Path, log: Any = print) -> Any:
     with_search = config.index is not None or bool(schema.embedding_dim)
     deps = deps_image(client, target.base_image, with_search, log=log)
     return build_app_image(client, deps, snapshot, config.lineage)
-
-
-def edge_image(client: Any, base: str) -> str:
-    """`lifecycle-edge:<hash>`: the base image plus serving/edge.py (standard library only)."""
-    import docker
-
-    source = (PROJECT_ROOT / "serving" / "edge.py").read_bytes()
-    base_id = base_image(client, base).id
-    dockerfile = "\n".join([
-        f"FROM {base}", "COPY edge.py /app/edge.py", f"COPY --chown={SERVING_UID}:{SERVING_UID} run /app/run",
-        f"USER {SERVING_UID}:{SERVING_UID}", "EXPOSE 8080",
-        "HEALTHCHECK --interval=10s --timeout=3s CMD [\"python3\", \"-c\", \"import socket; "
-        "socket.create_connection(('127.0.0.1', 8080), 2)\"]",
-        'CMD ["python3", "/app/edge.py"]', ""]).encode()
-    tag = f"{EDGE_REPO}:{stable_hash(base_id, source.decode(), dockerfile.decode(), length=12)}"
-    if image_exists(client, tag) is not None:
-        return tag
-    context = tar([("Dockerfile", dockerfile, 0o644, 0), ("edge.py", source, 0o644, 0), ("run/.keep", b"", 0o644, 0)])
-    try:
-        client.images.build(fileobj=io.BytesIO(context), custom_context=True, tag=tag, rm=True, forcerm=True,
-                            pull=False, labels={f"{LABEL}.role": "edge"})
-    except docker.errors.BuildError as exc:
-        raise LifecycleError(f"image {tag}: build failed: {exc.msg}") from exc
-    return tag
 
 
 def image_summary(image: Any) -> ServingImage:

@@ -3,17 +3,19 @@
 Why this shape:
 - **Blue/green without a gap.** A container's published port is fixed at creation, so "stop the old,
   start the new on the same port" leaves users without an endpoint for a whole model load. Instead
-  the published port (127.0.0.1 unless the target says otherwise) belongs to a small, long-lived edge
-  container (serving/edge.py, stdlib-only HTTP/1.1 proxy). Backends live on the `lifecycle-serving`
-  network and each also gets a random 127.0.0.1 port for tests. A rollout starts the new backend
-  beside the old, waits for `/health`, smoke-tests it on its own port (a prediction, `/version`, a
-  search), rewrites the edge's route and sends SIGHUP, checks through the published endpoint that the
-  new deployment answers, and only then stops the old one (SIGTERM: uvicorn finishes what it has).
-  The edge routes request by request, so keep-alive clients never see the switch.
+  the published port (127.0.0.1 unless the target says otherwise) belongs to a long-lived edge
+  container: HAProxy from the base image (tasks/haproxy.py: timeouts, X-Forwarded-For, health
+  checks). Backends live on the `lifecycle-serving` network and each also gets a random 127.0.0.1
+  port for tests. A rollout starts the new backend beside the old, waits for `/health`, smoke-tests
+  it on its own port (a prediction, `/version`, a search), switches the edge's spare server slot to it
+  through HAProxy's runtime API, checks through the published endpoint that the new deployment
+  answers, lets the old slot drain, and only then stops the old one (SIGTERM: uvicorn finishes what
+  it has). HAProxy routes request by request, so keep-alive clients never see the switch.
 - **Failure keeps the old one.** Any failure before the switch removes the new container and leaves
-  route and old backend untouched; the error carries the reason and the new container's log tail.
-- **State lives on the docker host**: the edge's route file names the live backend; containers carry
-  the lineage as labels. No local file can disagree with what runs.
+  route and old backend untouched; a failure after it switches back. The error carries the reason
+  and the new container's log tail.
+- **State lives on the docker host**: the edge's config file names the live backend; containers
+  carry the lineage as labels. No local file can disagree with what runs.
 - **Secrets stay out of images and `docker inspect`**: config.json (and the token) are put into
   `/app/run` (0400, uid 10001) between create and start. Backends run as uid 10001 with all
   capabilities dropped and no-new-privileges; a local LanceDB folder is mounted read-only.
@@ -21,10 +23,7 @@ Why this shape:
 
 from __future__ import annotations
 
-import io
-import json
 import secrets
-import tarfile
 import time
 from pathlib import Path
 from typing import Any
@@ -36,13 +35,14 @@ from lifecycle.errors import LifecycleError
 from lifecycle.features import FeatureSchema
 from serving.config import ServingConfig
 from serving.model import SCHEMA_FILE
+from tasks import haproxy
 from tasks.docker_images import (
     CONTAINER_PORT,
     LABEL,
     SERVING_UID,
+    base_image,
     build_image,
     docker_client,
-    edge_image,
     image_summary,
 )
 from tasks.processes import wait_until_ok
@@ -61,7 +61,6 @@ from tasks.serving_common import (
 NETWORK = "lifecycle-serving"
 RUN_DIR = "/app/run"
 LANCEDB_MOUNT = "/data/lancedb"
-ROUTE_FILE = "route.json"
 HARDENING = {"cap_drop": ["ALL"], "security_opt": ["no-new-privileges"]}
 
 
@@ -113,65 +112,21 @@ def remove(container: Any | None, grace_s: float = 10.0) -> None:
 # --- the edge ----------------------------------------------------------------------------------------
 
 
-def read_route(edge: Any) -> dict[str, Any]:
-    """The edge's route file (`{}` when none was written yet)."""
-    import docker
-
-    try:
-        stream, _ = edge.get_archive(f"{RUN_DIR}/{ROUTE_FILE}")
-    except docker.errors.NotFound:
-        return {}
-    with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
-        member = tar.extractfile(ROUTE_FILE)
-        return json.loads(member.read()) if member else {}
-
-
-def write_route(edge: Any, route: dict[str, Any], signal_edge: bool = True) -> None:
-    edge.put_archive(RUN_DIR, tar([(ROUTE_FILE, json.dumps(route).encode(), 0o444, SERVING_UID)]))
-    if signal_edge:
-        edge.kill(signal="SIGHUP")
+def edge_config(target: ServingTarget) -> haproxy.EdgeConfig:
+    """The edge's HAProxy settings for the target (default timeouts, the target's body limit)."""
+    return haproxy.EdgeConfig(max_body_bytes=target.max_body_bytes)
 
 
 def ensure_edge(client: Any, target: ServingTarget) -> Any:
     """The running edge of the target, (re)created when missing or when its image or settings changed.
 
     Raises:
-        LifecycleError: the published port cannot be bound (in use by something else).
+        LifecycleError: the base image is missing, or the published port cannot be bound.
     """
-    import docker
-
-    image = edge_image(client, target.base_image)
-    spec = f"{image}|{target.host}|{target.port}|{target.max_body_bytes}"
-    edge = _get(client, edge_name(target))
-    route: dict[str, Any] = {}
-    if edge is not None:
-        if edge.labels.get(f"{LABEL}.edge-spec") == spec:
-            if edge.status != "running":
-                edge.start()
-            return edge
-        route = read_route(edge)  # new edge code or settings: carry the route over (brief interruption)
-        remove(edge, grace_s=5)
+    base_image(client, target.base_image)
     ensure_network(client)
-    edge = client.containers.create(
-        image, ["python3", "/app/edge.py", "--port", str(CONTAINER_PORT), "--max-body", str(target.max_body_bytes)],
-        name=edge_name(target), network=NETWORK, ports={f"{CONTAINER_PORT}/tcp": (target.host, target.port)},
-        labels={f"{LABEL}.role": "edge", f"{LABEL}.edge-spec": spec, f"{LABEL}.endpoint": target.endpoint},
-        restart_policy={"Name": "unless-stopped"}, **HARDENING)
-    try:
-        write_route(edge, route or {"backend": None}, signal_edge=False)
-        edge.start()
-    except docker.errors.APIError as exc:
-        remove(edge, grace_s=1)
-        raise LifecycleError(f"docker serving target: cannot publish {target.host}:{target.port} "
-                             f"({exc.explanation or exc})") from exc
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:  # listening?
-        try:
-            httpx.get(f"{base_url(target.host, target.port)}/health", timeout=1.0)
-            return edge
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    raise LifecycleError(f"edge {edge_name(target)} did not start listening: {log_tail(edge)}")
+    return haproxy.ensure_edge(client, edge_name(target), target.base_image, NETWORK, (target.host, target.port),
+                               edge_config(target), labels={f"{LABEL}.endpoint": target.endpoint})
 
 
 # --- backends ------------------------------------------------------------------------------------
@@ -232,6 +187,14 @@ def backend_address(container: Any) -> tuple[str, str]:
     return f"{container.name}:{CONTAINER_PORT}", f"http://127.0.0.1:{bindings[0]['HostPort']}"
 
 
+def backend_ip(container: Any) -> str:
+    """The backend's address on the network now (the runtime switch needs it; the config keeps the name)."""
+    ip = ((container.attrs["NetworkSettings"].get("Networks") or {}).get(NETWORK) or {}).get("IPAddress")
+    if not ip:
+        raise LifecycleError(f"container {container.name}: no address on {NETWORK} (status {container.status})")
+    return str(ip)
+
+
 def wait_backend(container: Any, url: str, timeout_s: float) -> None:
     """Poll `/health` until 200; fail early when the container exits."""
 
@@ -261,8 +224,8 @@ def current(client: Any, target: ServingTarget) -> tuple[Any | None, Any | None]
     edge = _get(client, edge_name(target))
     if edge is None:
         return None, None
-    backend_id = read_route(edge).get("container")
-    backend = _get(client, backend_id) if backend_id else None
+    live = haproxy.read_route(edge).live_upstream()
+    backend = _get(client, live.container) if live is not None and live.container else None
     if backend is not None and backend.status != "running":
         backend = None
     return edge, backend
@@ -334,18 +297,22 @@ def _rollout(target: ServingTarget, snapshot: Path, image: Any, grace_s: float) 
         address, test_url = backend_address(new)
         wait_backend(new, test_url, target.health_timeout_s)
         smoke_test_url(test_url, target.api_token, schema, deployment, config.index is not None)
-        write_route(edge, {"backend": address, "container": new.id, "deployment_id": deployment})
+        route = haproxy.switch_edge(edge, edge_config(target), haproxy.Upstream(
+            address=address, container=new.id, deployment_id=deployment), backend_ip(new))
         _confirm_switch(target, deployment)
     except BaseException as exc:  # whatever happens, the new one goes and the old one keeps the route
         tail = log_tail(new).replace("\n", "\n    ") if new is not None else "(not created)"
-        if new is not None and read_route(edge).get("container") == new.id:
-            back = {"backend": backend_address(old)[0], "container": old.id, "deployment_id": old_id} if old else {}
-            write_route(edge, back or {"backend": None})
+        live = haproxy.read_route(edge).live_upstream()
+        if new is not None and old is not None and live is not None and live.container == new.id:
+            haproxy.switch_edge(edge, edge_config(target), haproxy.Upstream(
+                address=backend_address(old)[0], container=old.id, deployment_id=old_id), backend_ip(old))
         remove(new, grace_s=2)
         if not isinstance(exc, (LifecycleError, httpx.HTTPError, ValueError)) and not _is_docker_error(exc):
             raise
         raise LifecycleError(f"deployment {deployment}: {exc}; {keeps}\n  container log:\n    {tail}") from exc
     new.update(restart_policy={"Name": "unless-stopped"})  # live now: survive a daemon restart
+    if old is not None:  # in-flight requests on the old slot are answered before it stops
+        haproxy.wait_drained(haproxy.container_api(edge), route.spare(), timeout_s=grace_s)
     remove(old, grace_s)
     return _server(new, target), old_id
 

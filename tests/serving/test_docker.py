@@ -1,5 +1,5 @@
 """The docker target: what goes into an image (no daemon needed), then for real (`-m docker`): the
-offline-built image, containers behind the edge, blue/green with rollback.
+offline-built image, containers behind the HAProxy edge (tasks/haproxy.py), blue/green with rollback.
 
 One deployment image is built per module (dependency image: once per requirement set and machine)
 and reused by every docker test; each test gets its own published port and removes its containers.
@@ -208,6 +208,8 @@ def test_image_serves_predictions_search_and_lineage_as_non_root(docker_base_url
     assert container.attrs["Config"]["User"] == f"{di.SERVING_UID}:{di.SERVING_UID}"
     assert container.attrs["HostConfig"]["CapDrop"] == ["ALL"]
     edge = client.containers.get(ds.edge_name(target))
+    assert edge.attrs["Config"]["Cmd"][0] == "haproxy" and edge.attrs["Config"]["Image"] == target.base_image
+    assert ds.haproxy.read_route(edge).live_upstream().container == server.container
     bindings = [b for c in (edge, container) for b in c.attrs["NetworkSettings"]["Ports"][f"{di.CONTAINER_PORT}/tcp"]]
     assert {b["HostIp"] for b in bindings} == {"127.0.0.1"}  # nothing published beyond loopback
 
@@ -344,5 +346,8 @@ def test_failed_rollout_keeps_the_old_container_serving_and_a_good_one_switches_
     assert set(poller.statuses) == {200} and poller.statuses[200] > 20, poller.statuses
     assert poller.deployments == ["dep-old", "dep-new"]  # never dep-broken, never a gap
     assert ds.serving_now(target, "dep-new").container == new.container
+    edge = client.containers.get(ds.edge_name(target))
+    slots = sorted(s.status for s in ds.haproxy.server_states(ds.haproxy.container_api(edge)))
+    assert slots[0] == "MAINT" and slots[1].startswith("UP"), slots  # the old slot retired, the new one checked
     gone = client.containers.list(all=True, filters={"id": old.container})
     assert not gone  # the old container was stopped and removed after the switch

@@ -1,137 +1,197 @@
-"""The edge proxy (serving/edge.py) as a real process in front of two real HTTP backends, switched by SIGHUP."""
+"""The edge container (tasks/haproxy.py, `-m docker`): HAProxy from the base image in front of plain
+backend containers on a network of the test's own, switched the way a rollout switches it, polled
+through the published port during a failed and a good rollout; timeouts through the published port;
+the route survives a restart of the edge."""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
+import secrets
 import socket
-import subprocess
-import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
 
-from tests.tasks.test_serving import free_port
+from tasks import haproxy as hx
+from tests.fixtures.docker import BASE_IMAGE
 
-EDGE = Path(__file__).resolve().parents[2] / "serving" / "edge.py"
-
-
-class Named(BaseHTTPRequestHandler):
-    """Answers with its server's name and what it received; `/close` answers with Connection: close."""
-
+# A backend as small as the base image allows: its name on every path, /health 200, /slow sleeps 5 s.
+SERVER = """
+import json, os, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class H(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-        length = int(self.headers.get("Content-Length", 0))
-        data = self.rfile.read(length)
-        self._answer({"backend": self.server.name, "body": data.decode(), "path": self.path,
-                      "chunked": "Transfer-Encoding" in self.headers, "auth": self.headers.get("Authorization")})
-
-    def do_GET(self) -> None:  # noqa: N802
-        self._answer({"backend": self.server.name, "path": self.path})
-
-    def _answer(self, payload: dict) -> None:
-        body = json.dumps(payload).encode()
+    disable_nagle_algorithm = True
+    def do_GET(self):
+        if self.path == "/slow":
+            time.sleep(5)
+        body = json.dumps({"backend": os.environ["NAME"], "xff": self.headers.get("X-Forwarded-For")}).encode()
         self.send_response(200)
-        self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
-        if self.path == "/close":
-            self.send_header("Connection", "close")
-            self.close_connection = True
         self.end_headers()
         self.wfile.write(body)
-
-    def log_message(self, *args) -> None:
+    def log_message(self, *a):
         pass
+ThreadingHTTPServer.daemon_threads = True
+ThreadingHTTPServer(("0.0.0.0", 8080), H).serve_forever()
+"""
 
 
-def backend(name: str) -> tuple[ThreadingHTTPServer, str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Named)
-    server.name = name
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"127.0.0.1:{server.server_address[1]}"
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Setup:
+    """A network, backends on it and one edge; everything removed at the end."""
+
+    def __init__(self, client: Any) -> None:
+        self.client, self.tag = client, secrets.token_hex(3)
+        self.network = client.networks.create(f"lifecycle-edge-test-{self.tag}", driver="bridge")
+        self.containers: list[Any] = []
+        self.port = free_port()
+        self.config = hx.EdgeConfig(max_body_bytes=2048, timeouts=hx.EdgeTimeouts(
+            http_request_s=1.0, server_s=2.0, check_interval_s=0.5))
+
+    def backend(self, name: str, command: list[str] | None = None) -> tuple[Any, hx.Upstream, str]:
+        """(container, upstream, its IP on the network) of a started backend."""
+        container = self.client.containers.run(
+            BASE_IMAGE, command or ["python3", "-c", SERVER], name=f"lifecycle-edge-test-{self.tag}-{name}",
+            environment={"NAME": name}, network=self.network.name, user="10001:10001", detach=True)
+        self.containers.append(container)
+        container.reload()
+        ip = container.attrs["NetworkSettings"]["Networks"][self.network.name]["IPAddress"]
+        return container, hx.Upstream(address=f"{container.name}:8080", container=container.id, deployment_id=name), ip
+
+    def edge(self, route: hx.Route) -> Any:
+        edge = hx.create_edge(self.client, f"lifecycle-edge-test-{self.tag}", BASE_IMAGE, self.network.name,
+                              ("127.0.0.1", self.port), self.config, route)
+        self.containers.append(edge)
+        return edge
+
+    def close(self) -> None:
+        for container in self.containers:
+            container.remove(force=True)
+        self.network.remove()
 
 
 @pytest.fixture
-def edge(tmp_path):
-    """A running edge on a free port; yields (url, route file, process)."""
-    route = tmp_path / "route.json"
-    route.write_text(json.dumps({"backend": None}))
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, str(EDGE), "--host", "127.0.0.1", "--port", str(port),
-                             "--route", str(route), "--max-body", "2048"], stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 15
+def setup(docker_base_url: str) -> Iterator[Setup]:
+    from tasks.docker_images import docker_client
+
+    made = Setup(docker_client(docker_base_url))
+    yield made
+    made.close()
+
+
+def wait_for(url: str, backend: str, timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", route, proc
-    proc.terminate()
-    proc.wait(timeout=10)
+            if httpx.get(url, timeout=2).json().get("backend") == backend:
+                return
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{url} does not answer from {backend}")
 
 
-def switch(route: Path, proc: subprocess.Popen, address: str | None) -> None:
-    route.write_text(json.dumps({"backend": address}))
-    os.kill(proc.pid, signal.SIGHUP)
-    time.sleep(0.2)
+def wait_healthy(container: Any, timeout_s: float = 20) -> None:
+    probe = ["python3", "-c",
+             "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/health', timeout=1)"]
+    deadline = time.monotonic() + timeout_s
+    while container.exec_run(probe).exit_code != 0:
+        assert time.monotonic() < deadline, f"{container.name} not healthy"
+        time.sleep(0.1)
 
 
-def test_requests_follow_the_route_on_the_same_keep_alive_connection(edge):
-    url, route, proc = edge
-    (a, addr_a), (b, addr_b) = backend("blue"), backend("green")
+class Poller(threading.Thread):
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.url, self.stop = url, threading.Event()
+        self.statuses: Counter = Counter()
+        self.order: list[str] = []
+        self.errors: list[str] = []
+
+    def run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=5) as client:
+            while not self.stop.is_set():
+                try:
+                    resp = client.get("/version")
+                    self.statuses[resp.status_code] += 1
+                    name = resp.json()["backend"] if resp.status_code == 200 else str(resp.status_code)
+                    if not self.order or self.order[-1] != name:
+                        self.order.append(name)
+                except (httpx.HTTPError, ValueError) as exc:
+                    self.errors.append(repr(exc))
+                time.sleep(0.005)
+
+
+@pytest.mark.docker
+def test_published_port_answers_throughout_a_failed_and_a_good_rollout(setup: Setup):
+    _, blue, _ = setup.backend("blue")
+    edge = setup.edge(hx.Route(live="a", slots={"a": blue}))
+    url = f"http://127.0.0.1:{setup.port}"
+    wait_for(f"{url}/version", "blue")
+    assert httpx.get(f"{url}/version").json()["xff"]  # X-Forwarded-For reaches the backend
+    assert {b["HostIp"] for b in edge.attrs["NetworkSettings"]["Ports"]["8080/tcp"]} == {"127.0.0.1"}
+    assert edge.attrs["Config"]["User"] == "10001:10001" and edge.attrs["HostConfig"]["CapDrop"] == ["ALL"]
+
+    poller = Poller(url)
+    poller.start()
     try:
-        with httpx.Client(base_url=url, timeout=5) as client:
-            none = client.get("/health")
-            assert none.status_code == 503 and "no backend" in none.json()["message"]
-            switch(route, proc, addr_a)
-            first = client.post("/invocations", json={"x": 1}, headers={"Authorization": "Bearer t"})
-            assert first.json() == {"backend": "blue", "body": '{"x":1}', "path": "/invocations", "chunked": False,
-                                    "auth": "Bearer t"}
-            # a backend's Connection: close is not passed on: the client keeps its connection
-            closing = client.get("/close")
-            assert closing.json()["backend"] == "blue" and closing.headers["connection"] == "keep-alive"
-            switch(route, proc, addr_b)
-            assert client.get("/version").json()["backend"] == "green"  # same client connection, next backend
-            assert len(client._transport._pool.connections) == 1
-
-            def chunks():
-                yield b'{"rows": ['
-                yield b"1, 2, 3"
-                yield b"]}"
-
-            resp = client.post("/invocations", content=chunks(), headers={"Content-Type": "application/json"})
-            assert resp.json()["body"] == '{"rows": [1, 2, 3]}' and resp.json()["chunked"] is False
-            too_big = client.post("/invocations", content=b"x" * 4096)
-            assert too_big.status_code == 413 and too_big.json()["error_code"] == "REQUEST_TOO_LARGE"
-        nobody = f"127.0.0.1:{free_port()}"
-        switch(route, proc, nobody)
-        gone = httpx.get(f"{url}/health", timeout=5)
-        assert gone.status_code == 502 and nobody in gone.json()["message"]
+        time.sleep(0.5)
+        # A failed rollout: the new backend dies before it is healthy; the edge is never touched.
+        broken, _, _ = setup.backend("broken", ["python3", "-c", "raise SystemExit(3)"])
+        assert broken.wait(timeout=20)["StatusCode"] == 3
+        assert hx.read_route(edge).live_upstream() == blue
+        time.sleep(0.5)
+        # A good rollout: the spare slot gets green, then blue goes to maintenance and drains.
+        blue_container = setup.containers[0]
+        green_container, green, green_ip = setup.backend("green")
+        wait_healthy(green_container)  # the rollout's health wait and smoke test
+        route = hx.switch_edge(edge, setup.config, green, green_ip)
+        assert route.live == "b" and hx.read_route(edge) == route
+        assert hx.wait_drained(hx.container_api(edge), "a", timeout_s=5)
+        blue_container.stop(timeout=5)  # what the rollout does next
+        time.sleep(1.0)
     finally:
-        a.shutdown()
-        b.shutdown()
+        poller.stop.set()
+        poller.join(timeout=15)
+    assert not poller.errors, poller.errors[:3]
+    assert set(poller.statuses) == {200} and poller.statuses[200] > 20, poller.statuses
+    assert poller.order == ["blue", "green"]
+    states = {s.name: s for s in hx.server_states(hx.container_api(edge))}
+    assert states["b"].status.startswith("UP") and states["a"].status == "MAINT"
+
+    # The stored route survives a restart of the edge (a daemon restart does the same).
+    edge.restart(timeout=5)
+    hx.wait_listening(edge, setup.config)
+    wait_for(f"{url}/version", "green")
 
 
-def test_malformed_requests_get_400_and_the_connection_closes(edge):
-    url, route, proc = edge
-    a, addr_a = backend("blue")
-    switch(route, proc, addr_a)
-    host, port = url.removeprefix("http://").split(":")
-    try:
-        for raw in (b"GARBAGE\r\n\r\n", b"POST /x HTTP/1.1\r\nContent-Length: abc\r\n\r\n",
-                    b"POST /x HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab"):
-            with socket.create_connection((host, int(port)), timeout=5) as sock:
-                sock.sendall(raw)
-                answer = b""
-                while chunk := sock.recv(4096):
-                    answer += chunk
-            assert answer.startswith(b"HTTP/1.1 400 "), answer
-    finally:
-        a.shutdown()
+@pytest.mark.docker
+def test_stalled_client_and_silent_backend_are_cut_at_the_configured_timeouts(setup: Setup):
+    _, blue, _ = setup.backend("blue")
+    setup.edge(hx.Route(live="a", slots={"a": blue}))
+    url = f"http://127.0.0.1:{setup.port}"
+    wait_for(f"{url}/version", "blue")
+    with socket.create_connection(("127.0.0.1", setup.port), timeout=10) as sock:
+        t0 = time.monotonic()
+        sock.sendall(b"POST /invocations HTTP/1.1\r\nHost: edge\r\nContent-Length: 100\r\n\r\n{\"inputs\":")
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+        took = time.monotonic() - t0
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:80]
+    assert 0.9 <= took < 2.5, took
+    t0 = time.monotonic()
+    assert httpx.get(f"{url}/slow", timeout=10).status_code == 504
+    assert 1.8 <= time.monotonic() - t0 < 4
+    big = httpx.post(f"{url}/invocations", content=b"x" * 4096)
+    assert big.status_code == 413 and "larger than 2048 bytes" in big.json()["message"]

@@ -53,7 +53,6 @@ def test_manifest_is_serving_and_the_core_it_imports():
     assert {"serving/__main__.py", "serving/app.py", "serving/model.py", "serving/pyfunc.py",
             "lifecycle/features.py", "lifecycle/encoder.py", "lifecycle/search.py", "lifecycle/spec.py",
             "lifecycle/errors.py", "lifecycle/__init__.py", "serving/__init__.py"} <= set(SERVED)
-    assert "serving/edge.py" not in SERVED  # the edge has its own image
     assert "lifecycle/sample.py" not in SERVED and "lifecycle/streaming.py" not in SERVED  # not imported by serving
 
 

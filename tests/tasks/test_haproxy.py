@@ -1,0 +1,266 @@
+"""The HAProxy edge (tasks/haproxy.py): rendering and parsing without HAProxy, then a real `haproxy`
+process on this machine in front of real HTTP backends: switching through the runtime API under load,
+timeouts, forwarded headers, health checks. Skipped (with the reason) where haproxy is not installed;
+the edge container is tested in tests/serving/test_edge.py."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+
+from lifecycle.errors import LifecycleError
+from tasks import haproxy as hx
+
+HAPROXY = shutil.which("haproxy")
+needs_haproxy = pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed here (apt-get install haproxy)")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Named(BaseHTTPRequestHandler):
+    """Answers with its server's name, the path and the forwarded headers; `/slow` sleeps 3 s first."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # head and body are two writes: no 40 ms wait on delayed ACKs
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        if self.path == "/health" and not self.server.healthy:  # type: ignore[attr-defined]
+            self.send_error(503)
+            return
+        if self.path == "/slow":
+            time.sleep(3)
+        self._answer({"backend": self.server.name, "path": self.path,  # type: ignore[attr-defined]
+                      "xff": self.headers.get("X-Forwarded-For"), "proto": self.headers.get("X-Forwarded-Proto")})
+
+    def do_POST(self) -> None:  # noqa: N802
+        data = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self._answer({"backend": self.server.name, "body": data.decode()})  # type: ignore[attr-defined]
+
+    def _answer(self, payload: dict) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class Quiet(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # health checks and cut clients close connections abruptly: expected here
+
+
+def backend(name: str) -> tuple[ThreadingHTTPServer, int]:
+    server = Quiet(("127.0.0.1", 0), Named)
+    server.name, server.healthy = name, True  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, server.server_address[1]
+
+
+def timeouts(**kw: float) -> hx.EdgeTimeouts:
+    return hx.EdgeTimeouts(**{"http_request_s": 1.0, "server_s": 1.5, "check_interval_s": 0.2, **kw})
+
+
+@pytest.fixture
+def backends() -> Iterator[dict[str, tuple[ThreadingHTTPServer, int]]]:
+    found = {name: backend(name) for name in ("blue", "green")}
+    yield found
+    for server, _ in found.values():
+        server.shutdown()
+
+
+@pytest.fixture
+def edge(tmp_path: Path, backends) -> Iterator[tuple[str, hx.EdgeConfig, hx.Route, hx.RuntimeAPI]]:
+    """A host haproxy routing to `blue`; yields (url, config, route, runtime API)."""
+    if HAPROXY is None:
+        pytest.skip("haproxy is not installed here")
+    config = hx.EdgeConfig(bind_host="127.0.0.1", port=free_port(), socket_path=str(tmp_path / "admin.sock"),
+                           max_body_bytes=2048, timeouts=timeouts(), nameserver=None)
+    route = hx.Route(live="a", slots={"a": hx.Upstream(address=f"127.0.0.1:{backends['blue'][1]}",
+                                                        deployment_id="blue")})
+    proc = hx.start_local(config, route, tmp_path / "edge", HAPROXY)
+    yield f"http://127.0.0.1:{config.port}", config, route, hx.socket_api(config.socket_path)
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+# --- without haproxy -----------------------------------------------------------------------------------
+
+
+def test_config_carries_the_route_and_disables_the_spare_slot():
+    route = hx.Route(live="b", slots={"a": hx.Upstream(address="old:8080", container="c1", deployment_id="d1"),
+                                      "b": hx.Upstream(address="new:8080", container="c2", deployment_id="d2")})
+    text = hx.render_config(hx.EdgeConfig(max_body_bytes=1024), route)
+    assert hx.route_of(text) == route and route.spare() == "a" and route.live_upstream().deployment_id == "d2"
+    assert "    server a old:8080 disabled\n" in text and "    server b new:8080\n" in text
+    for line in ("option forwardfor", "option httpchk GET /health", "timeout http-request 10000ms",
+                 "timeout client 60000ms", "timeout server 60000ms", "timeout connect 5000ms",
+                 "nameserver dns1 127.0.0.11:53", "resolvers docker init-addr last,libc,none",
+                 "req.hdr_val(content-length) gt 1024", "stats socket /run/haproxy/admin.sock mode 600 level admin"):
+        assert line in text, line
+    host = hx.render_config(hx.EdgeConfig(nameserver=None), hx.Route())
+    assert "resolvers" not in host and "    server a 127.0.0.1:1 disabled" in host and "return status 413" not in host
+    assert hx.route_of("global\n") == hx.Route() and hx.Route().spare() == "a"
+
+
+def test_switch_commands_mark_the_new_slot_up_before_retiring_the_old() -> None:
+    assert hx.switch_commands("b", "172.18.0.5", 8080, "lifecycle-x") == [
+        "set server serving/b fqdn lifecycle-x", "set server serving/b addr 172.18.0.5 port 8080",
+        "set server serving/b health up", "set server serving/b state ready", "set server serving/a state maint"]
+    sent: list[str] = []
+
+    def api(line: str) -> str:
+        sent.append(line)
+        return ""
+
+    route = hx.switch(api, hx.Route(live="b", slots={}),
+                      hx.Upstream(address="127.0.0.1:9"), "127.0.0.1", 9)
+    assert route.live == "a" and sent[0].startswith("set server serving/a addr 127.0.0.1 port 9;")
+    with pytest.raises(LifecycleError, match="No such server"):
+        hx.command(lambda line: "No such server.\n", "set server serving/c state ready")
+
+
+def test_show_stat_is_parsed_into_slot_states():
+    csv = ("# pxname,svname,qcur,scur,status,check_status,addr\nedge,FRONTEND,,3,OPEN,,\n"
+           "serving,a,0,2,UP,L7OK,127.0.0.1:5000\nserving,b,0,0,MAINT,,127.0.0.1:1\nserving,BACKEND,0,2,UP,,\n")
+    assert hx.parse_stat(csv) == [
+        hx.ServerState(name="a", status="UP", check_status="L7OK", address="127.0.0.1:5000", sessions=2),
+        hx.ServerState(name="b", status="MAINT", check_status="", address="127.0.0.1:1", sessions=0)]
+    with pytest.raises(LifecycleError, match="unexpected"):
+        hx.parse_stat("Unknown command\n")
+
+
+@needs_haproxy
+def test_rendered_configs_are_valid_haproxy(tmp_path: Path):
+    route = hx.Route(live="a", slots={"a": hx.Upstream(address="127.0.0.1:5000")})
+    for config in (hx.EdgeConfig(max_body_bytes=1024, socket_path=str(tmp_path / "s")),
+                   hx.EdgeConfig(nameserver=None, socket_path=str(tmp_path / "s"))):
+        path = tmp_path / "haproxy.cfg"
+        path.write_text(hx.render_config(config, route))
+        check = subprocess.run([HAPROXY or "haproxy", "-c", "-f", str(path)], capture_output=True, text=True)
+        assert check.returncode == 0, check.stderr
+        assert "WARNING" not in check.stderr + check.stdout, check.stderr + check.stdout
+
+
+# --- a real haproxy ------------------------------------------------------------------------------------
+
+
+class Poller(threading.Thread):
+    """GETs through the edge on one keep-alive connection until stopped; counts who answered."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.url, self.stop = url, threading.Event()
+        self.statuses: Counter = Counter()
+        self.order: list[str] = []
+        self.errors: list[str] = []
+
+    def run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=5) as client:
+            while not self.stop.is_set():
+                try:
+                    resp = client.get("/version")
+                    self.statuses[resp.status_code] += 1
+                    name = resp.json()["backend"] if resp.status_code == 200 else str(resp.status_code)
+                    if not self.order or self.order[-1] != name:
+                        self.order.append(name)
+                except (httpx.HTTPError, ValueError) as exc:
+                    self.errors.append(repr(exc))
+                time.sleep(0.002)
+
+
+def test_switch_and_switch_back_under_load_without_a_failed_request(edge, backends):
+    url, config, route, api = edge
+    green = hx.Upstream(address=f"127.0.0.1:{backends['green'][1]}", deployment_id="green")
+    with httpx.Client(base_url=url, timeout=5) as client:
+        first = client.get("/version").json()
+        assert first == {"backend": "blue", "path": "/version", "xff": "127.0.0.1", "proto": "http"}
+        poller = Poller(url)
+        poller.start()
+        try:
+            time.sleep(0.3)
+            switched = hx.switch(api, route, green, "127.0.0.1", backends["green"][1])
+            assert switched.live == "b" and switched.live_upstream() == green
+            # the same client connection goes on, to the new backend
+            assert client.get("/version").json()["backend"] == "green"
+            assert hx.wait_drained(api, "a", timeout_s=5)
+            time.sleep(0.3)
+            back = hx.switch(api, switched, route.slots["a"], "127.0.0.1", backends["blue"][1])  # a rollback
+            assert back.live == "a"
+            time.sleep(0.3)
+        finally:
+            poller.stop.set()
+            poller.join(timeout=10)
+        assert len(client._transport._pool.connections) == 1
+    assert not poller.errors, poller.errors[:3]
+    assert set(poller.statuses) == {200} and poller.statuses[200] > 50, poller.statuses
+    assert poller.order == ["blue", "green", "blue"]
+    states = {s.name: s.status for s in hx.server_states(api)}
+    assert states["a"].startswith("UP") and states["b"] == "MAINT"
+
+
+def test_a_client_that_stalls_mid_request_is_cut_at_the_http_request_timeout(edge):
+    url, config, _, _ = edge
+    host, port = url.removeprefix("http://").split(":")
+    for raw in (b"GET /version HTTP/1.1\r\nHost: edge\r\nX-Half: ",  # stalls in its head
+                b"POST /invocations HTTP/1.1\r\nHost: edge\r\nContent-Length: 100\r\n\r\n{\"inputs\":"):  # in its body
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            t0 = time.monotonic()
+            sock.sendall(raw)
+            answer = b""
+            while chunk := sock.recv(4096):  # until the edge closes the connection
+                answer += chunk
+            took = time.monotonic() - t0
+        assert answer.startswith(b"HTTP/1.1 408 "), answer[:80]
+        assert config.timeouts.http_request_s * 0.9 <= took < config.timeouts.http_request_s + 1.5, took
+
+
+def test_a_silent_backend_is_answered_504_at_the_server_timeout(edge):
+    url, config, _, _ = edge
+    t0 = time.monotonic()
+    resp = httpx.get(f"{url}/slow", timeout=10)
+    assert resp.status_code == 504 and config.timeouts.server_s * 0.9 <= time.monotonic() - t0 < 3
+
+
+def test_body_limit_and_health_checks(edge, backends):
+    url, _, _, api = edge
+    big = httpx.post(f"{url}/invocations", content=b"x" * 4096)
+    assert big.status_code == 413 and big.json()["error_code"] == "REQUEST_TOO_LARGE"
+    assert "larger than 2048 bytes" in big.json()["message"]
+    assert httpx.post(f"{url}/invocations", content=b"x" * 100).json()["body"] == "x" * 100
+    backends["blue"][0].healthy = False  # /health answers 503: the checks take the slot down
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and hx.server_states(api)[0].status != "DOWN":
+        time.sleep(0.1)
+    state = hx.server_states(api)[0]
+    assert state.status == "DOWN" and state.check_status == "L7STS", state
+    assert httpx.get(f"{url}/version").status_code == 503
+
+
+def test_refused_commands_and_configs_raise(edge, tmp_path: Path):
+    _, _, _, api = edge
+    with pytest.raises(LifecycleError, match="failed"):
+        hx.command(api, "set server serving/nope state ready")
+    with pytest.raises(LifecycleError, match="rejected"):
+        hx.start_local(hx.EdgeConfig(bind_host="999.0.0.1", port=free_port(), socket_path=str(tmp_path / "s"),
+                                     nameserver=None), hx.Route(), tmp_path / "bad", HAPROXY or "haproxy")
