@@ -7,17 +7,22 @@ is prepared, so `lifecycle --help` is instant and settings take effect.
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.table import Table
 
-from cli.console import RichObserver, console, fail, filtered_stderr, prepare_env
+from cli.console import RichObserver, console, err_console, fail, filtered_stderr, prepare_env
 from cli.models import promote, rollback
 from cli.server import notify, register, up
+from cli.stopping import run_server, signal_of, stop_on_signals
 from lifecycle.errors import LifecycleError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run and inspect the ML lifecycle.")
@@ -25,24 +30,32 @@ blocks_app = typer.Typer(no_args_is_help=True, help="Block documents of a profil
 app.add_typer(blocks_app, name="blocks")
 
 
-def _recorded_on_up_server():
-    """A context that records this run on the Prefect server of `lifecycle up`, when one answers and no
-    other server is configured (PREFECT_API_URL in the environment, even empty, or in Prefect's profile or
-    config); else a no-op, and Prefect decides as it always would.
+@contextmanager
+def _prefect_for_run() -> Iterator[None]:
+    """Where this run is recorded: the Prefect server Prefect is told of (PREFECT_API_URL with a value, in
+    the environment or in Prefect's profile or config); else the server of `lifecycle up` when one
+    answers; else a temporary server of our own for this run (cli/stopping.py says why not Prefect's).
 
-    The chain's event triggers match only runs tagged `lifecycle-chain`, so a run recorded there never
-    starts a second chain on that server's worker.
+    The chain's event triggers match only runs tagged `lifecycle-chain`, so a run recorded on `up`'s
+    server never starts a second chain on that server's worker.
     """
-    from contextlib import nullcontext
+    from prefect.settings import PREFECT_API_URL
 
     from cli.server import api_context, up_server_for_run
     from infra_blocks.profiles import lifecycle_home
 
-    url = up_server_for_run(lifecycle_home())
-    if url is None:
-        return nullcontext()
-    console.print(f"[dim]Prefect: recording this run on {url.removesuffix('/api')} (lifecycle up)[/]")
-    return api_context(url)
+    if os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value():
+        yield
+        return
+    home = lifecycle_home()
+    url = up_server_for_run(home)
+    if url is not None:
+        console.print(f"[dim]Prefect: recording this run on {url.removesuffix('/api')} (lifecycle up)[/]")
+        with api_context(url):
+            yield
+        return
+    with run_server(home) as url, api_context(url):
+        yield
 
 
 def _default_spec(rows: int) -> Path:
@@ -62,25 +75,38 @@ def run(
     """Run the whole lifecycle and leave the model answering on 127.0.0.1.
 
     With `lifecycle up` running (and PREFECT_API_URL unset), the run is recorded on its Prefect server
-    and shows in its UI; otherwise Prefect starts a temporary server for this run (~5 s more).
+    and shows in its UI; otherwise on a temporary server started for this run (~4 s more).
+    Ctrl-C or SIGTERM stops it within seconds: one line names the stage, the exit code is 128 + the
+    signal, and the next run resumes from the stages that finished.
     """
     prepare_env(verbose)
+    observer: RichObserver | None = None
     try:
-        from flows.lifecycle import lifecycle_with_targets
-        from infra_blocks.profiles import load_profile
-        from lifecycle import progress
-        from lifecycle.spec import load_spec
+        with stop_on_signals():
+            from flows.lifecycle import lifecycle_with_targets
+            from infra_blocks.profiles import load_profile
+            from lifecycle import progress
+            from lifecycle.spec import load_spec
 
-        dataset_spec = load_spec(spec or _default_spec(rows))
-        targets = load_profile(profile)
-        with filtered_stderr(), _recorded_on_up_server(), console.status("starting…") as status:
-            restore = progress.set_observer(RichObserver(status))
-            try:
-                result = lifecycle_with_targets(dataset_spec, targets)
-            finally:
-                restore()
+            dataset_spec = load_spec(spec or _default_spec(rows))
+            targets = load_profile(profile)
+            with filtered_stderr(), _prefect_for_run(), console.status("starting…") as status:
+                observer = RichObserver(status)
+                restore = progress.set_observer(observer)
+                try:
+                    result = lifecycle_with_targets(dataset_spec, targets)
+                finally:
+                    restore()
     except LifecycleError as exc:
         fail(exc)
+    except BaseException as exc:
+        signum = signal_of(exc)
+        if signum is None:
+            raise
+        where = f"during {observer.current}" if observer and observer.current else "before the first stage"
+        err_console.print(f"[bold yellow]stopped[/] ({signal.Signals(signum).name}) {where}; "
+                          "`lifecycle run` again resumes from the stages that finished", highlight=False)
+        raise typer.Exit(code=128 + signum) from None
     finally:
         from infra_blocks.dask_compute import close_local_clusters
 

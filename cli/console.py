@@ -63,11 +63,14 @@ class RichObserver:
 
     def __init__(self, status: Any) -> None:
         self.status = status
+        self.current: str | None = None  # the stage running now: what a stop names
 
     def started(self, stage: str) -> None:
+        self.current = stage
         self.status.update(f"[bold]{stage}[/] running…")
 
     def finished(self, stage: str, status: str, seconds: float) -> None:
+        self.current = None
         colour = {"ran": "green", "cached": "cyan"}.get(status, "yellow")
         console.print(f"  [{colour}]✓[/] {stage:<9} {status:<8} {seconds:7.2f}s")
 

@@ -1,0 +1,112 @@
+"""A stop (Ctrl-C, SIGTERM, the UI's Cancel) ends `lifecycle run` within seconds and leaves nothing behind.
+
+Why this shape:
+- Seen before: SIGTERM to the process group (what `timeout`, systemd and Kubernetes send) also reached
+  Prefect's temporary API server, a child in the same group; the flow's crash handler then retried the
+  dead server for minutes while both Dask workers stayed up, and only SIGKILL ended the run. So the
+  run's temporary server is ours (`prefect server start`, the documented command, in a session of its
+  own, stopped by us after the run): it outlives the signal long enough for the final state to be
+  recorded as crashed or cancelled.
+- SIGTERM and SIGINT become `Stopped` in the main thread (Prefect's flow engine turns SIGTERM into its
+  own `TerminationSignal` while a flow runs; both end up here). The CLI prints one line naming the
+  stage that was stopped and exits 128 + the signal number; the `finally` of `run` closes the local
+  Dask cluster. A second signal while stopping ends every child and the process at once.
+- Records are written last in every stage (content-derived ids, atomic writes), so a stopped stage
+  leaves no half-written version and the next run finds the finished stages `cached`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+
+from tasks.processes import Started, start_process, stop_process, wait_http
+
+
+class Stopped(BaseException):
+    """The run was asked to stop (a BaseException, like KeyboardInterrupt: no `except Exception` eats it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def _kill_children_and_exit(signum: int, frame: FrameType | None) -> None:
+    """The second signal: no more waiting for a graceful stop."""
+    import psutil
+
+    me = psutil.Process()
+    for child in me.children(recursive=True):
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+    os._exit(128 + signum)
+
+
+def _raise_stopped(signum: int, frame: FrameType | None) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _kill_children_and_exit)
+    raise Stopped(signum)
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGINT raise `Stopped` in the main thread for the duration of the block."""
+    previous = {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def signal_of(exc: BaseException) -> int | None:
+    """The signal behind a stop: ours, Prefect's `TerminationSignal`, or Ctrl-C's KeyboardInterrupt."""
+    if isinstance(exc, Stopped):
+        return exc.signum
+    if isinstance(exc, KeyboardInterrupt):
+        return signal.SIGINT
+    signum = getattr(exc, "signal", None)  # prefect.exceptions.TerminationSignal
+    return int(signum) if signum is not None else None
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def run_server(home: Path) -> Iterator[str]:
+    """A temporary `prefect server start` on 127.0.0.1 for one run, in its own session; yields its API URL.
+
+    It uses Prefect's own settings (PREFECT_HOME, its database), as the temporary server Prefect would
+    start itself, and is stopped (its whole process tree) when the block ends, however it ends.
+    """
+    import sys
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    prefect = Path(sys.executable).parent / "prefect"
+    server: Started = start_process(
+        "prefect-run-server", [str(prefect) if prefect.exists() else "prefect", "server", "start", "--host",
+                               "127.0.0.1", "--port", str(port)], env, home / "logs" / "prefect-run-server.log",
+        url=url)
+    try:
+        wait_http(server, f"{url}/health")
+        yield url
+    finally:
+        stop_process(server, grace_s=5.0)
