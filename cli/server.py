@@ -21,7 +21,7 @@ from typing import Any, Optional
 import typer
 from pydantic import BaseModel
 
-from cli.console import console, fail, prepare_env
+from cli.console import console, err_console, fail, prepare_env
 from lifecycle.errors import LifecycleError
 from tasks.processes import Started, is_running, start_process, stop_process, wait_http
 
@@ -308,22 +308,30 @@ def up(
     no_mlflow: bool = typer.Option(False, "--no-mlflow", help="Do not start an MLflow server."),
 ) -> None:
     """Start a local Prefect server, MLflow, work pools, blocks, deployments and a worker (stop: `lifecycle down`)."""
+    from cli.stopping import signal_of, stop_on_signals
     from infra_blocks.profiles import lifecycle_home
 
     prepare_env()
     try:
-        state = bring_up(profile, lifecycle_home(), prefect_port=prefect_port, mlflow_port=mlflow_port,
-                         prefect_db=prefect_db, mlflow_db=mlflow_db, mlflow_artifacts=mlflow_artifacts,
-                         mlflow=not no_mlflow, say=lambda m: console.print(f"  [green]✓[/] {m}", highlight=False))
+        with stop_on_signals():  # a stop half-way: bring_up stops what it started
+            state = bring_up(profile, lifecycle_home(), prefect_port=prefect_port, mlflow_port=mlflow_port,
+                             prefect_db=prefect_db, mlflow_db=mlflow_db, mlflow_artifacts=mlflow_artifacts,
+                             mlflow=not no_mlflow, say=lambda m: console.print(f"  [green]✓[/] {m}", highlight=False))
     except LifecycleError as exc:
         fail(exc)
+    except BaseException as exc:
+        signum = signal_of(exc)
+        if signum is None:
+            raise
+        err_console.print("[bold yellow]stopped[/]: lifecycle up stopped what it had started", highlight=False)
+        raise typer.Exit(code=128 + signum) from None
     console.print(f"[bold]UI:[/] {state.prefect_url.removesuffix('/api')}   "
                   f"[bold]API:[/] export PREFECT_API_URL={state.prefect_url}", soft_wrap=True)
     console.print("[bold]Land data:[/] copy a CSV under the store's landing/tickets/ "
                   "(or `lifecycle notify EVENT.json`).  [bold]Stop:[/] lifecycle down", soft_wrap=True)
 
 
-def _api_orfail() -> str:
+def _api_url_or_fail() -> str:
     from prefect.settings import PREFECT_API_URL
 
     url = os.environ.get("PREFECT_API_URL") or api_url_from_state() or PREFECT_API_URL.value()
@@ -357,7 +365,7 @@ def notify(
     except OSError as exc:
         fail(LifecycleError(f"{file}: cannot read ({exc.strerror})"))
     try:
-        with api_context(_api_orfail()):
+        with api_context(_api_url_or_fail()):
             landed, skipped = notify_objects(text, file, profile)
     except LifecycleError as exc:
         fail(exc)
@@ -380,7 +388,7 @@ def register(
         from tasks.specs import register_spec
 
         dataset_spec = load_spec(spec)
-        with api_context(_api_orfail()):
+        with api_context(_api_url_or_fail()):
             _, targets = targets_for(profile)
             key = register_spec(targets.store, dataset_spec)
     except LifecycleError as exc:
