@@ -67,7 +67,11 @@ def _run(cwd: Path, env: dict[str, str], stop_in: str | None, timeout_s: float =
     return proc.returncode, took, out.read_text(), err.read_text(), list(seen.values())
 
 
-def _alive(processes: list[psutil.Process]) -> list[str]:
+def _alive(processes: list[psutil.Process], within_s: float = 0.0) -> list[str]:
+    """Command lines of the processes still running after up to `within_s` (multiprocessing's resource
+    tracker, for one, ignores signals and exits when the pipe of the processes it served closes)."""
+    if within_s > 0:
+        psutil.wait_procs([p for p in processes if p.is_running()], timeout=within_s)
     left = []
     for p in processes:
         try:
@@ -93,7 +97,8 @@ def test_sigterm_mid_stage_stops_in_seconds_and_the_next_run_resumes(tmp_path):
             assert took <= 10.0, f"exit {took:.1f} s after SIGTERM during {stage}"
             lines = [line for line in err.splitlines() if line.strip()]
             assert len(lines) <= 2 and f"during {stage}" in err and "Traceback" not in err, err
-            assert not _alive(processes), f"left running after a stop during {stage}: {_alive(processes)}"
+            left = _alive(processes, within_s=max(0.5, 10.0 - took))  # all gone within 10 s of the signal
+            assert not left, f"left running after a stop during {stage}: {left}"
             # What the stopped stage writes last, its record, is not there.
             kind = {"embed": "embeddings", "train": "model", "deploy": "deployment"}[stage]
             assert not _records(home, kind), f"a {kind} record after a stop during {stage}"
