@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,10 +18,10 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from cli.console import RichObserver, console, err_console, fail, filtered_stderr, prepare_env
+from cli.console import RichObserver, console, fail, filtered_stderr, prepare_env
 from cli.models import promote, rollback
 from cli.server import notify, register, up
-from cli.stopping import run_server, signal_of, stop_on_signals
+from cli.stopping import ends_on_stop, run_server
 from lifecycle.errors import LifecycleError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run and inspect the ML lifecycle.")
@@ -81,8 +80,13 @@ def run(
     """
     prepare_env(verbose)
     observer: RichObserver | None = None
+
+    def stopped_where() -> str:
+        where = f"during {observer.current}" if observer and observer.current else "before the first stage"
+        return f"{where}; `lifecycle run` again resumes from the stages that finished"
+
     try:
-        with stop_on_signals():
+        with ends_on_stop(stopped_where):
             from flows.lifecycle import lifecycle_with_targets
             from infra_blocks.profiles import load_profile
             from lifecycle import progress
@@ -99,14 +103,6 @@ def run(
                     restore()
     except LifecycleError as exc:
         fail(exc)
-    except BaseException as exc:
-        signum = signal_of(exc)
-        if signum is None:
-            raise
-        where = f"during {observer.current}" if observer and observer.current else "before the first stage"
-        err_console.print(f"[bold yellow]stopped[/] ({signal.Signals(signum).name}) {where}; "
-                          "`lifecycle run` again resumes from the stages that finished", highlight=False)
-        raise typer.Exit(code=128 + signum) from None
     finally:
         from infra_blocks.dask_compute import close_local_clusters
 

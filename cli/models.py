@@ -29,6 +29,11 @@ def _spec(store, target, dataset: str, version: str, spec_path: Path | None):
     return spec
 
 
+def _moved(audit) -> None:
+    console.print(f"{audit.model_name}@champion → v{audit.version}: {audit.decision}  (audit {audit.id})",
+                  soft_wrap=True)
+
+
 def promote(
     dataset: str = typer.Argument(..., help="Dataset name (the registered model is the profile's prefix + it)."),
     version: str = typer.Argument(..., help="Registry version to make the champion."),
@@ -50,8 +55,7 @@ def promote(
     except LifecycleError as exc:
         fail(exc)
     if audit.moved:
-        console.print(f"{audit.model_name}@champion → v{audit.version}: {audit.decision}  (audit {audit.id})",
-                      soft_wrap=True)
+        _moved(audit)
         return
     err_console.print(f"[bold yellow]not promoted:[/] {audit.decision}  (audit {audit.id})", soft_wrap=True,
                       highlight=False)
@@ -74,5 +78,4 @@ def rollback(
         audit = rollback_champion(dataset, targets.store, targets.mlflow, reason=reason)
     except LifecycleError as exc:
         fail(exc)
-    console.print(f"{audit.model_name}@champion → v{audit.version}: {audit.decision}  (audit {audit.id})",
-                  soft_wrap=True)
+    _moved(audit)

@@ -21,7 +21,7 @@ from typing import Any, Optional
 import typer
 from pydantic import BaseModel
 
-from cli.console import console, err_console, fail, prepare_env
+from cli.console import console, fail, prepare_env
 from lifecycle.errors import LifecycleError
 from tasks.processes import Started, is_running, start_process, stop_process, wait_http
 
@@ -308,23 +308,17 @@ def up(
     no_mlflow: bool = typer.Option(False, "--no-mlflow", help="Do not start an MLflow server."),
 ) -> None:
     """Start a local Prefect server, MLflow, work pools, blocks, deployments and a worker (stop: `lifecycle down`)."""
-    from cli.stopping import signal_of, stop_on_signals
+    from cli.stopping import ends_on_stop
     from infra_blocks.profiles import lifecycle_home
 
     prepare_env()
     try:
-        with stop_on_signals():  # a stop half-way: bring_up stops what it started
+        with ends_on_stop(lambda: "lifecycle up: what it had started is stopped"):  # bring_up cleans up
             state = bring_up(profile, lifecycle_home(), prefect_port=prefect_port, mlflow_port=mlflow_port,
                              prefect_db=prefect_db, mlflow_db=mlflow_db, mlflow_artifacts=mlflow_artifacts,
                              mlflow=not no_mlflow, say=lambda m: console.print(f"  [green]✓[/] {m}", highlight=False))
     except LifecycleError as exc:
         fail(exc)
-    except BaseException as exc:
-        signum = signal_of(exc)
-        if signum is None:
-            raise
-        err_console.print("[bold yellow]stopped[/]: lifecycle up stopped what it had started", highlight=False)
-        raise typer.Exit(code=128 + signum) from None
     console.print(f"[bold]UI:[/] {state.prefect_url.removesuffix('/api')}   "
                   f"[bold]API:[/] export PREFECT_API_URL={state.prefect_url}", soft_wrap=True)
     console.print("[bold]Land data:[/] copy a CSV under the store's landing/tickets/ "

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -77,6 +77,25 @@ def signal_of(exc: BaseException) -> int | None:
         return signal.SIGINT
     signum = getattr(exc, "signal", None)  # prefect.exceptions.TerminationSignal
     return int(signum) if signum is not None else None
+
+
+@contextmanager
+def ends_on_stop(what: Callable[[], str]) -> Iterator[None]:
+    """A command's block that a stop ends with one line (`stopped (SIGTERM) <what()>`) and exit code
+    128 + the signal; any other exception passes through unchanged."""
+    import typer
+
+    from cli.console import err_console
+
+    try:
+        with stop_on_signals():
+            yield
+    except BaseException as exc:
+        signum = signal_of(exc)
+        if signum is None:
+            raise
+        err_console.print(f"[bold yellow]stopped[/] ({signal.Signals(signum).name}) {what()}", highlight=False)
+        raise typer.Exit(code=128 + signum) from None
 
 
 def free_port() -> int:

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import secrets
 import socket
-import threading
 import time
-from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,6 +16,7 @@ import pytest
 
 from tasks import haproxy as hx
 from tests.fixtures.docker import BASE_IMAGE
+from tests.fixtures.polling import Poller
 
 # A backend as small as the base image allows: its name on every path, /health 200, /slow sleeps 5 s.
 SERVER = """
@@ -110,26 +109,6 @@ def wait_healthy(container: Any, timeout_s: float = 20) -> None:
         time.sleep(0.1)
 
 
-class Poller(threading.Thread):
-    def __init__(self, url: str) -> None:
-        super().__init__(daemon=True)
-        self.url, self.stop = url, threading.Event()
-        self.statuses: Counter = Counter()
-        self.order: list[str] = []
-        self.errors: list[str] = []
-
-    def run(self) -> None:
-        with httpx.Client(base_url=self.url, timeout=5) as client:
-            while not self.stop.is_set():
-                try:
-                    resp = client.get("/version")
-                    self.statuses[resp.status_code] += 1
-                    name = resp.json()["backend"] if resp.status_code == 200 else str(resp.status_code)
-                    if not self.order or self.order[-1] != name:
-                        self.order.append(name)
-                except (httpx.HTTPError, ValueError) as exc:
-                    self.errors.append(repr(exc))
-                time.sleep(0.005)
 
 
 @pytest.mark.docker
@@ -142,7 +121,7 @@ def test_published_port_answers_throughout_a_failed_and_a_good_rollout(setup: Se
     assert {b["HostIp"] for b in edge.attrs["NetworkSettings"]["Ports"]["8080/tcp"]} == {"127.0.0.1"}
     assert edge.attrs["Config"]["User"] == "10001:10001" and edge.attrs["HostConfig"]["CapDrop"] == ["ALL"]
 
-    poller = Poller(url)
+    poller = Poller(url, pause_s=0.005)
     poller.start()
     try:
         time.sleep(0.5)

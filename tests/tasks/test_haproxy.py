@@ -11,7 +11,6 @@ import socket
 import subprocess
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -21,6 +20,7 @@ import pytest
 
 from lifecycle.errors import LifecycleError
 from tasks import haproxy as hx
+from tests.fixtures.polling import Poller
 
 HAPROXY = shutil.which("haproxy")
 needs_haproxy = pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed here (apt-get install haproxy)")
@@ -165,28 +165,6 @@ def test_rendered_configs_are_valid_haproxy(tmp_path: Path):
 # --- a real haproxy ------------------------------------------------------------------------------------
 
 
-class Poller(threading.Thread):
-    """GETs through the edge on one keep-alive connection until stopped; counts who answered."""
-
-    def __init__(self, url: str) -> None:
-        super().__init__(daemon=True)
-        self.url, self.stop = url, threading.Event()
-        self.statuses: Counter = Counter()
-        self.order: list[str] = []
-        self.errors: list[str] = []
-
-    def run(self) -> None:
-        with httpx.Client(base_url=self.url, timeout=5) as client:
-            while not self.stop.is_set():
-                try:
-                    resp = client.get("/version")
-                    self.statuses[resp.status_code] += 1
-                    name = resp.json()["backend"] if resp.status_code == 200 else str(resp.status_code)
-                    if not self.order or self.order[-1] != name:
-                        self.order.append(name)
-                except (httpx.HTTPError, ValueError) as exc:
-                    self.errors.append(repr(exc))
-                time.sleep(0.002)
 
 
 def test_switch_and_switch_back_under_load_without_a_failed_request(edge, backends):
