@@ -21,7 +21,7 @@ from rich.table import Table
 from cli.console import RichObserver, console, fail, filtered_stderr, prepare_env
 from cli.models import promote, rollback
 from cli.server import notify, register, up
-from cli.stopping import ends_on_stop, run_server
+from cli.stopping import ends_on_stop
 from lifecycle.errors import LifecycleError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run and inspect the ML lifecycle.")
@@ -41,6 +41,7 @@ def _prefect_for_run() -> Iterator[None]:
     from prefect.settings import PREFECT_API_URL
 
     from cli.server import api_context, up_server_for_run
+    from cli.servers import run_server
     from infra_blocks.profiles import lifecycle_home
 
     if os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value():

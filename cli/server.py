@@ -22,10 +22,10 @@ import typer
 from pydantic import BaseModel
 
 from cli.console import console, fail, prepare_env
+from cli.servers import REPO, executable, prefect_env, start_mlflow_server, start_prefect_server, start_worker
 from lifecycle.errors import LifecycleError
-from tasks.processes import Started, is_running, start_process, stop_process, wait_http
+from tasks.processes import Started, is_running, stop_process, wait_http
 
-REPO = Path(__file__).resolve().parent.parent
 POOLS = {
     "lifecycle-process": ("process", None),
     "lifecycle-docker-gpu": ("docker", REPO / "deployments" / "work_pools" / "docker-gpu.json"),
@@ -39,50 +39,6 @@ class UpState(BaseModel):
     prefect_url: str
     mlflow_url: str | None = None
     processes: list[Started]
-
-
-def _bin(name: str) -> str:
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
-
-
-def prefect_env(home: Path, api_url: str | None = None, database_url: str | None = None) -> dict[str, str]:
-    env = {**os.environ, "PREFECT_HOME": str(home / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PREFECT_UI_ENABLED": "true"}
-    for noisy in ("PREFECT_PROFILE", "PREFECT_API_KEY"):
-        env.pop(noisy, None)
-    if api_url:
-        env["PREFECT_API_URL"] = api_url
-    else:
-        env.pop("PREFECT_API_URL", None)
-    if database_url:
-        env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
-    return env
-
-
-def start_prefect_server(home: Path, host: str, port: int, database_url: str | None = None,
-                         extra_env: dict[str, str] | None = None) -> Started:
-    env = {**prefect_env(home, database_url=database_url), **(extra_env or {})}
-    url = f"http://{host}:{port}/api"
-    return start_process("prefect-server", [_bin("prefect"), "server", "start", "--host", host, "--port", str(port)],
-                         env, home / "logs" / "prefect-server.log", url=url)
-
-
-def start_mlflow_server(home: Path, host: str, port: int, backend_uri: str, artifacts: str | None = None) -> Started:
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    argv = [_bin("mlflow"), "server", "--host", host, "--port", str(port), "--workers", "1",
-            "--backend-store-uri", backend_uri,
-            "--artifacts-destination", artifacts or (home / "mlartifacts").resolve().as_uri()]
-    return start_process("mlflow-server", argv, env, home / "logs" / "mlflow-server.log", cwd=home,
-                         url=f"http://{host}:{port}")
-
-
-def start_worker(home: Path, api_url: str, pool: str = "lifecycle-process", query_seconds: float = 5.0,
-                 cwd: Path = REPO, extra_env: dict[str, str] | None = None) -> Started:
-    env = {**prefect_env(home, api_url=api_url), "PREFECT_WORKER_QUERY_SECONDS": str(query_seconds),
-           "LIFECYCLE_HOME": str(home), **(extra_env or {})}
-    return start_process("prefect-worker", [_bin("prefect"), "worker", "start", "--pool", pool], env,
-                         home / "logs" / "prefect-worker.log", cwd=cwd)
 
 
 def create_work_pools(names: list[str] | None = None) -> list[str]:
@@ -118,7 +74,7 @@ def deploy_all(api_url: str, home: Path, repo: Path = REPO, timeout_s: float = 3
         LifecycleError: the command failed (its last lines are included).
     """
     env = {**prefect_env(home, api_url=api_url), "PREFECT_LOGGING_LEVEL": "WARNING"}
-    proc = subprocess.run([_bin("prefect"), "--no-prompt", "deploy", "--all"], cwd=repo, env=env,
+    proc = subprocess.run([executable("prefect"), "--no-prompt", "deploy", "--all"], cwd=repo, env=env,
                           capture_output=True, text=True, timeout=timeout_s)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])

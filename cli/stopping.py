@@ -6,7 +6,7 @@ Why this shape:
   dead server for minutes while both Dask workers stayed up, and only SIGKILL ended the run. So the
   run's temporary server is ours (`prefect server start`, the documented command, in a session of its
   own, stopped by us after the run): it outlives the signal long enough for the final state to be
-  recorded as crashed or cancelled.
+  recorded as crashed or cancelled (`cli.servers.run_server`).
 - SIGTERM and SIGINT become `Stopped` in the main thread (Prefect's flow engine turns SIGTERM into its
   own `TerminationSignal` while a flow runs; both end up here). The CLI prints one line naming the
   stage that was stopped and exits 128 + the signal number; the `finally` of `run` closes the local
@@ -21,10 +21,7 @@ import os
 import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from types import FrameType
-
-from tasks.processes import Started, start_process, stop_process, wait_http
 
 
 class Stopped(BaseException):
@@ -96,36 +93,3 @@ def ends_on_stop(what: Callable[[], str]) -> Iterator[None]:
             raise
         err_console.print(f"[bold yellow]stopped[/] ({signal.Signals(signum).name}) {what()}", highlight=False)
         raise typer.Exit(code=128 + signum) from None
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextmanager
-def run_server(home: Path) -> Iterator[str]:
-    """A temporary `prefect server start` on 127.0.0.1 for one run, in its own session; yields its API URL.
-
-    It uses Prefect's own settings (PREFECT_HOME, its database), as the temporary server Prefect would
-    start itself, and is stopped (its whole process tree) when the block ends, however it ends.
-    """
-    import sys
-
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)
-    prefect = Path(sys.executable).parent / "prefect"
-    server: Started = start_process(
-        "prefect-run-server", [str(prefect) if prefect.exists() else "prefect", "server", "start", "--host",
-                               "127.0.0.1", "--port", str(port)], env, home / "logs" / "prefect-run-server.log",
-        url=url)
-    try:
-        wait_http(server, f"{url}/health")
-        yield url
-    finally:
-        stop_process(server, grace_s=5.0)
