@@ -47,6 +47,7 @@ from lifecycle.errors import LifecycleError
 from lifecycle.records import (
     RECORD_TYPES,
     DatasetVersion,
+    ModelVersion,
     Record,
     ValidationReport,
     utcnow,
@@ -55,7 +56,7 @@ from lifecycle.spec import DatasetSpec
 
 R = TypeVar("R", bound=Record)
 
-PROMOTED_EVENT = "lifecycle.model.promoted"  # tasks.registry.PROMOTED_EVENT, without importing MLflow here
+PROMOTED_EVENT = ModelVersion.promoted_event
 
 STAGES: tuple[Stage[Any], ...] = (INGEST, VALIDATE, EMBED, INDEX, TRAIN, REGISTER, DEPLOY)
 BY_NAME = {stage.name: stage for stage in STAGES}

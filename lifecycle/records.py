@@ -168,6 +168,7 @@ class ModelVersion(Record):
 
     kind: ClassVar[str] = "model_version"
     event: ClassVar[str | None] = "lifecycle.model.registered"
+    promoted_event: ClassVar[str] = "lifecycle.model.promoted"  # a registration that moved @champion
     model_name: str
     version: str
     run_id: str

@@ -38,7 +38,7 @@ LOGGED_MODEL_URI = re.compile(r"^models:/(m-[0-9a-f]+)$")
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
-PROMOTED_EVENT = "lifecycle.model.promoted"
+PROMOTED_EVENT = ModelVersion.promoted_event
 TAG = "lifecycle."
 # INTERNAL_ERROR is MlflowException's default code (any bug): not a reason to retry by itself.
 TRANSIENT_MLFLOW_CODES = {"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"}
