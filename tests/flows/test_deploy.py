@@ -147,23 +147,30 @@ def _run_with_files(mlflow, model_dir: Path) -> str:
     return run.info.run_id
 
 
-def test_a_failed_process_rollout_is_recorded_and_the_old_server_restored(tmp_path_factory, tmp_path, lake,
-                                                                            targets):
-    """A model that fails its smoke test fails the flow with the reason, is published as `failed`, and the
-    previous deployment is restarted; deploying the good model again is then the stored record."""
+def _broken_model(mlflow, tmp_path):
+    """Model version 2: a classifier's booster whose schema claims regression, so its predictions are
+    class vectors and the smoke test's "is a number" fails."""
     from lifecycle.features import FeatureSchema
     from lifecycle.spec import Task
     from serving.model import SCHEMA_FILE
-    from tasks.serving import deployment_id
     from tests.serving.test_app import write_model_dir
 
-    serving, vectors = targets
-    mlflow, run_id = mlflow_run(tmp_path_factory)
     broken_dir = write_model_dir(tmp_path / "broken")
     schema = FeatureSchema.model_validate_json((broken_dir / SCHEMA_FILE).read_bytes())
     (broken_dir / SCHEMA_FILE).write_text(schema.model_copy(update={"task": Task.regression, "classes": []}
                                                             ).model_dump_json())
-    broken = model_version(_run_with_files(mlflow, broken_dir), "2")
+    return model_version(_run_with_files(mlflow, broken_dir), "2")
+
+
+def test_a_failed_process_rollout_is_recorded_and_the_old_server_restored(tmp_path_factory, tmp_path, lake,
+                                                                            targets):
+    """A model that fails its smoke test fails the flow with the reason, is published as `failed`, and the
+    previous deployment is restarted; deploying the good model again is then the stored record."""
+    from tasks.serving import deployment_id
+
+    serving, vectors = targets
+    mlflow, run_id = mlflow_run(tmp_path_factory)
+    broken = _broken_model(mlflow, tmp_path)
     auth = {"Authorization": f"Bearer {TOKEN}"}
     try:
         first = deploy(SPEC, model_version(run_id, "1"), None, lake, mlflow, vectors, serving)
@@ -185,13 +192,9 @@ def test_docker_deploy_records_every_rollout_and_keeps_the_old_container_on_fail
         tmp_path_factory, tmp_path, lake, docker_base_url):
     """deploy() on a docker target: image + container + record; cached while it answers; a model that
     fails its smoke test fails the flow with the reason, is recorded as failed, and the old one serves on."""
-    from lifecycle.features import FeatureSchema
-    from lifecycle.spec import Task
-    from serving.model import SCHEMA_FILE
     from tasks import docker_serving
     from tasks.serving import deployment_id
     from tests.fixtures.docker import BASE_IMAGE
-    from tests.serving.test_app import write_model_dir
 
     mlflow, run_id = mlflow_run(tmp_path_factory)
     save_record(lake, TrainedModel(id="tm1", dataset="tickets", dataset_version="dv-123", run_id=run_id,
@@ -201,11 +204,7 @@ def test_docker_deploy_records_every_rollout_and_keeps_the_old_container_on_fail
     index = small_index(vectors)
     serving = ServingTarget(kind="docker", docker_base_url=docker_base_url, port=free_port(), api_token=TOKEN,
                             workdir=str(tmp_path / "serving"), health_timeout_s=120, base_image=BASE_IMAGE)
-    broken_dir = write_model_dir(tmp_path / "broken")
-    schema = FeatureSchema.model_validate_json((broken_dir / SCHEMA_FILE).read_bytes())
-    (broken_dir / SCHEMA_FILE).write_text(schema.model_copy(update={"task": Task.regression, "classes": []}
-                                                            ).model_dump_json())
-    broken = model_version(_run_with_files(mlflow, broken_dir), "2")
+    broken = _broken_model(mlflow, tmp_path)
     auth = {"Authorization": f"Bearer {TOKEN}"}
     try:
         first = deploy(SPEC, model_version(run_id, "1"), index, lake, mlflow, vectors, serving)
