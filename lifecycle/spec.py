@@ -81,6 +81,16 @@ class TrainConfig(BaseModel):
     promotion_margin: float = Field(
         0.0, ge=0, description="How much better than the champion a challenger must be to be promoted."
     )
+    model: Literal["xgboost", "linear", "auto"] = Field(
+        "auto", description="Model family; auto registers whichever scores better on the holdout."
+    )
+    require_beats_baseline: bool = Field(
+        True, description="Promote only a challenger that beats the linear baseline trained in the same run."
+    )
+    baseline_margin: float = Field(0.0, ge=0, description="How much better than the baseline a challenger must be.")
+    baseline_max_rows: int = Field(
+        200_000, ge=100, description="Larger data fits the baseline on an id-hash sample of this many rows."
+    )
     seed: int = 0
 
     def primary_metric(self, task: Task) -> str:
@@ -112,6 +122,18 @@ class IndexConfig(BaseModel):
     )
 
 
+class IngestConfig(BaseModel):
+    """How a source or a landing enters the dataset's table."""
+
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["append", "replace"] = Field(
+        "append", description="append: each landing is one more commit; replace: the source becomes the whole table."
+    )
+    allow_new_columns: list[str] = Field(
+        default_factory=list, description="Nullable columns a later landing may add to the table."
+    )
+
+
 class DatasetSpec(BaseModel):
     """A dataset and everything the lifecycle needs to know to run on it."""
 
@@ -125,6 +147,7 @@ class DatasetSpec(BaseModel):
     numeric_features: list[str] = Field(default_factory=list)
     categorical_features: list[str] = Field(default_factory=list)
     text_column: str | None = None
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
     expectations: Expectations = Field(default_factory=Expectations)
     split: SplitConfig = Field(default_factory=SplitConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
