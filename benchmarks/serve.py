@@ -11,12 +11,13 @@ What is compared, side by side in one run on this machine:
 - image size: our serving images against an image of the same model built the same way (same base,
   offline from the wheelhouse) with `mlflow` + the model's own requirements instead of our server.
 - kept components (benchmarks/serve_edge.py): the tabular model through the HAProxy edge against
-  direct, and gunicorn with uvicorn workers against our SO_REUSEPORT supervisor (same worker count).
+  direct, and plain gunicorn against `python -m serving` (gunicorn-based since issue 16; same workers).
+- search (benchmarks/serve_search.py): `/search` at 8 and 64 connections against the previous revision's path.
 
 wrk (Debian's, installed with apt-get when missing) runs with one thread pinned to the last CPU and
 one-process servers (ours, MLflow) are pinned to CPU 0; the two-process server is left unpinned. A Lua
 script sends the POST body and prints the latency percentiles wrk measured (`--latency`).
-Usage: python -m benchmarks.serve [--seconds 10] [--skip-text|-images|-mlflow|-edge|-workers] [--results FILE]
+Usage: python -m benchmarks.serve [--seconds 10] [--skip-text|-images|-mlflow|-edge|-workers|-search] [--results FILE]
 """
 
 from __future__ import annotations
@@ -65,11 +66,8 @@ def free_port() -> int:
 
 
 def ensure_wrk() -> str:
-    found = shutil.which("wrk")
-    if found:
-        return found
-    if os.geteuid() != 0:
-        sys.exit("wrk is missing: apt-get install -y wrk")
+    if shutil.which("wrk") or os.geteuid() != 0:
+        return shutil.which("wrk") or sys.exit("wrk is missing: apt-get install -y wrk")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     if subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], env=env, capture_output=True).returncode != 0:
         subprocess.run(["apt-get", "update", "-qq"], env=env, check=True)
@@ -166,15 +164,14 @@ def start(cmd: list[str], url: str, log: Path, timeout_s: float = 180, env: dict
 
 
 def stop(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=20)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, None)):
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=wait)
+            return
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            continue
+    proc.wait()
 
 
 def mlflow_server(pyfunc: Path, port: int, log: Path, threads: str | None = None, pin: bool = True) -> subprocess.Popen:
@@ -219,8 +216,7 @@ def measure(name: str, proc_factory, url: str, payload: str, args, work: Path) -
         result = wrk(url, payload, args.seconds, args.connections, work)
     finally:
         stop(proc)
-    print(f"  {name}: {result['rps']:.0f} req/s, p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms, "
-          f"errors {result['errors']}, non-2xx {result['non2xx']}", flush=True)
+    print(f"  {name}: {result['rps']:.0f} req/s, {note(result)}, non-2xx {result['non2xx']}", flush=True)
     if result["non2xx"]:
         raise RuntimeError(f"{name}: {result['non2xx']} non-2xx answers (see the server log)")
     return result
@@ -353,6 +349,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-mlflow", action="store_true", help="no MLflow comparisons (tabular and text)")
     parser.add_argument("--skip-edge", action="store_true", help="no HAProxy edge against direct")
     parser.add_argument("--skip-workers", action="store_true", help="no gunicorn against our supervisor")
+    parser.add_argument("--skip-search", action="store_true", help="no /search against the previous revision")
     parser.add_argument("--edge-rounds", type=int, default=2, help="direct/edge alternations")
     parser.add_argument("--workers", type=int, default=2, help="worker processes, ours and gunicorn's")
     parser.add_argument("--results", type=Path, default=RESULTS, help="JSON lines the figures are appended to")
@@ -363,13 +360,16 @@ def main(argv: list[str] | None = None) -> None:
     ensure_wrk()
     c = args.connections
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
-        work = Path(tmp)
-        trees = args.rounds * 4
+        work, trees = Path(tmp), args.rounds * 4
         tab = {} if args.skip_mlflow else bench_model("tabular", False, args, work)
         model_dir = work / "tabular-model"
         if not model_dir.exists():
             train_model(model_dir, text=False, rounds=args.rounds)
         kept(model_dir, args, work, trees)
+        if not args.skip_search:
+            from benchmarks import serve_search
+
+            serve_search.record_search(rec, serve_search.bench_search(model_dir, args, work))
         base = tab.get("mlflow")
         for key, label in (("ours1", "1 process, pinned to CPU 0"), ("ours2", "2 processes, SO_REUSEPORT, unpinned")):
             if base is None:

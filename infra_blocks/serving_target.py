@@ -12,7 +12,8 @@ class ServingTarget(Block):
     """A serving target.
 
     Attributes:
-        kind: `process` (uvicorn subprocess on this machine) or `docker` (a container on a Docker host).
+        kind: `process` (a gunicorn arbiter with uvicorn workers on this machine) or `docker` (a
+            container on a Docker host, behind the HAProxy edge).
         host: Address the endpoint binds to; 127.0.0.1 unless you mean to expose it.
         port: Published port of the endpoint.
         workdir: Where process serving keeps model snapshots, logs and PID files.
@@ -21,8 +22,9 @@ class ServingTarget(Block):
         api_token: Bearer token required by the endpoint; None allows anonymous requests.
         max_body_bytes: Largest request body accepted (413 above it).
         health_timeout_s: How long a new server may take to become healthy.
-        workers: Server processes per deployment, each with its own SO_REUSEPORT listener (2 doubles
-            tabular throughput on 2 cores; text models batch through one encoder, keep 1).
+        workers: Worker processes per deployment under one gunicorn arbiter, which replaces a worker
+            that dies (2 doubles tabular throughput on 2 cores; text models batch through one encoder,
+            keep 1: a crashed single worker is back after one model load).
     """
 
     _block_type_name = "Lifecycle Serving Target"

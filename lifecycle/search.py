@@ -72,7 +72,8 @@ class Searcher:
         self.query_params = dict(query_params or {})
         self.max_chars = max_chars
         self.device = device
-        self.metadata_columns = [f.name for f in self._table.schema if f.name not in (ID, VECTOR, TEXT)]
+        self.metadata_types = {f.name: f.type for f in self._table.schema if f.name not in (ID, VECTOR, TEXT)}
+        self.metadata_columns = list(self.metadata_types)
         self.encoder = load_encoder(device)
 
     @classmethod
@@ -99,7 +100,12 @@ class Searcher:
 
     def embed(self, query: str) -> np.ndarray:
         """The query's vector, prepared exactly like an indexed text."""
-        return encode_texts(prepare_texts([query], self.max_chars), self.device)[0]
+        return self.embed_many([query])[0]
+
+    def embed_many(self, queries: list[str]) -> np.ndarray:
+        """Several queries' vectors in one encoder batch (the server batches concurrent queries: one text
+        costs ~10 ms of mostly fixed overhead, 64 texts ~2 ms each)."""
+        return encode_texts(prepare_texts(queries, self.max_chars), self.device)
 
     def search(self, query: str, k: int = 5, where: str | None = None) -> list[dict[str, Any]]:
         """The k rows nearest to a text query.
@@ -123,10 +129,20 @@ class Searcher:
 
     def search_vector(self, vector: np.ndarray, k: int = 5, where: str | None = None) -> list[dict[str, Any]]:
         """Like `search`, for a vector already embedded."""
+        return self.search_vectors(np.asarray(vector, dtype=np.float32)[None, :], k, where)[0]
+
+    def search_vectors(self, vectors: np.ndarray, k: int = 5, where: str | None = None) -> list[list[dict[str, Any]]]:
+        """The k nearest rows of each vector (same k and filter), in one LanceDB query.
+
+        Why one query: LanceDB runs several query vectors in one plan (its `query_index` column tells
+        them apart); 9 vectors cost 3.4 ms together against 29 ms one by one (2,000 rows, filtered).
+        """
         if not 1 <= k <= MAX_K:
             raise LifecycleError(f"search: k must be between 1 and {MAX_K}, got {k}")
+        vectors = np.asarray(vectors, dtype=np.float32)
+        many = len(vectors) > 1
         # A vector query builder (LanceDB types `search` as the base builder, without distance_type).
-        builder: Any = self._table.search(np.asarray(vector, dtype=np.float32), vector_column_name=VECTOR)
+        builder: Any = self._table.search(list(vectors) if many else vectors[0], vector_column_name=VECTOR)
         query = (builder.distance_type(self.distance_type).limit(k)
                  .select([ID, TEXT, *self.metadata_columns, "_distance"]))
         if where:
@@ -137,10 +153,13 @@ class Searcher:
             rows = query.to_arrow().to_pylist()
         except (ValueError, RuntimeError, OSError) as exc:
             problem = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-            what = f"invalid filter {where!r}" if where else f"query on {self.table_name} failed"
+            what = "invalid filter" if where else f"query on {self.table_name} failed"  # never echo the filter
             raise LifecycleError(f"search: {what} ({problem})") from exc
-        return [
-            {ID: r[ID], TEXT: r[TEXT], "metadata": {c: r[c] for c in self.metadata_columns},
-             "_distance": float(r["_distance"])}
-            for r in rows
-        ]
+        out: list[list[dict[str, Any]]] = [[] for _ in range(len(vectors))]
+        for r in rows:
+            out[r["query_index"] if many else 0].append(
+                {ID: r[ID], TEXT: r[TEXT], "metadata": {c: r[c] for c in self.metadata_columns},
+                 "_distance": float(r["_distance"])})
+        for hits in out:
+            hits.sort(key=lambda h: h["_distance"])
+        return out

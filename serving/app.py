@@ -9,10 +9,16 @@ Endpoints:
 - `POST /invocations`: `{"dataframe_split"|"dataframe_records"|"instances"|"inputs": …, "params": …}` →
   `{"predictions": [{"prediction": …}, …]}` exactly as `mlflow models serve` answers for the registered
   pyfunc (`params: {"probabilities": true}` adds `proba_<class>`); errors are `{"error_code", "message"}`.
-- `POST /search`: `{"query", "k", "filter"}` → `{"results": [...]}` (503 when no index is served).
+  Parsing is strict (serving.requests): typed params and numbers, at most `max_rows` rows.
+- `POST /search`: `{"query", "k", "filter"}` → `{"results": [...]}`; the filter is structured and
+  compiled by us (serving.filters); concurrent queries share encoder batches (503 when no index).
 - `GET /health` (and MLflow's `/ping`): 200 once the model is loaded (no token, so load balancers and
   HEALTHCHECK can call it).
-- `GET /version`: the lineage of what is served.
+- `GET /version`: the lineage of what is served; `GET /openapi.json`: the API (serving.openapi).
+
+Headers are read one way on every route (`header`): the raw ASGI list, and a second Authorization,
+Content-Type or Content-Length header is a 400 rather than first-wins on one route and last-wins on
+another.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, MutableMapping
 from typing import Any, Protocol
 
 import orjson
@@ -29,31 +35,25 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from lifecycle.errors import LifecycleError
-from serving.batching import Batcher
+from serving.batching import Batcher, QueryBatcher
 from serving.config import IndexRef, ServingConfig
+from serving.filters import FilterError, column_kind, compile_filter
 from serving.model import ServingModel
+from serving.requests import Problem, parse_invocation, parse_search, wants_probabilities
 
 log = logging.getLogger("serving")
 
-FORMATS = ("dataframe_split", "dataframe_records", "instances", "inputs")
 INLINE_ROWS = 256  # up to this many rows are predicted on the event loop (~0.1 ms); more go to a thread
-MAX_K = 1000
+SINGLE_HEADERS = (b"authorization", b"content-type", b"content-length")
+Scope = MutableMapping[str, Any]  # an ASGI scope (Starlette's `request.scope` is typed so)
 
 
 class Searcher(Protocol):
-    def search(self, query: str, k: int = 5, where: str | None = None) -> list[dict]: ...
+    metadata_types: dict[str, Any]
 
+    def embed_many(self, queries: list[str]) -> Any: ...
 
-class Problem(Exception):
-    """An HTTP error with an MLflow-style body."""
-
-    CODES = {400: "BAD_REQUEST", 401: "UNAUTHENTICATED", 413: "REQUEST_TOO_LARGE", 415: "UNSUPPORTED_MEDIA_TYPE",
-             500: "INTERNAL_ERROR", 503: "SERVICE_UNAVAILABLE"}
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+    def search_vectors(self, vectors: Any, k: int = 5, where: str | None = None) -> list[list[dict]]: ...
 
 
 def _json(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -61,12 +61,17 @@ def _json(content: Any, status: int = 200, headers: dict[str, str] | None = None
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
-def open_searcher(index: IndexRef) -> Searcher:
+def open_searcher(index: IndexRef, encoder_threads: int | None = None) -> Searcher:
     """The LanceDB searcher of `lifecycle.search`, imported here so that model-only servers skip lancedb.
 
-    The exact table version is preferred to the tag: a tag can be moved to a later build.
+    The exact table version is preferred to the tag: a tag can be moved to a later build. The query
+    encoder gets `encoder_threads` torch threads, as a text model's does (batches, not intra-op
+    threads, give the throughput under load; see ServingConfig.encoder_threads).
     """
+    from lifecycle.encoder import load_encoder
     from lifecycle.search import Searcher as LanceSearcher
+
+    load_encoder("cpu", encoder_threads)
 
     version = index.version if index.version is not None else index.tag
     return LanceSearcher(index.uri, index.table, version, storage_options=index.storage_options or None,
@@ -74,131 +79,72 @@ def open_searcher(index: IndexRef) -> Searcher:
                          max_chars=index.max_chars)
 
 
-# --- request parsing ---------------------------------------------------------------------------
-
-
-def _from_records(records: Any, fmt: str, wanted: Sequence[str]) -> tuple[dict[str, list], int]:
-    if not isinstance(records, list):
-        raise Problem(400, f"{fmt} must be a list of objects, one per row")
-    for i, rec in enumerate(records):
-        if not isinstance(rec, dict):
-            raise Problem(400, f"{fmt}[{i}] must be an object mapping column names to values")
-    present = {c for rec in records for c in rec} if records else set(wanted)
-    return {c: [rec.get(c) for rec in records] for c in wanted if c in present}, len(records)
-
-
-def _from_columns(cols: dict[str, Any], fmt: str, wanted: Sequence[str]) -> tuple[dict[str, list], int]:
-    lengths = {len(v) for c, v in cols.items() if c in wanted and isinstance(v, list)}
-    if len(lengths) > 1:
-        raise Problem(400, f"{fmt}: columns have different lengths ({', '.join(map(str, sorted(lengths)))})")
-    rows = lengths.pop() if lengths else 1
-    return {c: (v if isinstance(v, list) else [v] * rows) for c, v in cols.items() if c in wanted}, rows
-
-
-def _from_split(split: Any, wanted: Sequence[str]) -> tuple[dict[str, list], int]:
-    if not isinstance(split, dict) or not isinstance(split.get("columns"), list) \
-            or not isinstance(split.get("data"), list):
-        raise Problem(400, "dataframe_split must be an object with 'columns' (names) and 'data' (rows)")
-    names, data = split["columns"], split["data"]
-    for i, row in enumerate(data):
-        if not isinstance(row, list) or len(row) != len(names):
-            got = len(row) if isinstance(row, list) else type(row).__name__
-            raise Problem(400, f"dataframe_split.data[{i}] has {got} values for {len(names)} columns")
-    pos = {name: i for i, name in enumerate(names) if isinstance(name, str)}
-    return {c: [row[pos[c]] for row in data] for c in wanted if c in pos}, len(data)
-
-
-def wants_probabilities(payload: dict[str, Any]) -> bool:
-    """MLflow's `params` field; `{"probabilities": true}` adds `proba_<class>` (as the pyfunc does)."""
-    params = payload.get("params")
-    if params is not None and not isinstance(params, dict):
-        raise Problem(400, "'params' must be an object")
-    return bool((params or {}).get("probabilities", False))
-
-
-def parse_invocation(payload: Any, wanted: Sequence[str]) -> tuple[dict[str, list], int]:
-    """An MLflow scoring payload → (the wanted columns as lists, number of rows).
+def header(scope: Scope, name: bytes) -> str | None:
+    """The value of a request header, the same on every route.
 
     Raises:
-        Problem: 400 naming the format problem or the missing columns.
+        Problem: 400 when a header that must be single (Authorization, Content-Type, Content-Length)
+            comes more than once.
     """
-    if not isinstance(payload, dict):
-        raise Problem(400, f"payload must be a JSON object with one of the keys {', '.join(FORMATS)}")
-    keys = [k for k in FORMATS if k in payload]
-    if len(keys) != 1:
-        found = ", ".join(map(str, payload)) or "none"
-        raise Problem(400, f"payload must have exactly one of {', '.join(FORMATS)} (found keys: {found})")
-    fmt = keys[0]
-    value = payload[fmt]
-    if fmt == "dataframe_split":
-        columns, rows = _from_split(value, wanted)
-    elif fmt == "dataframe_records":
-        columns, rows = _from_records(value, fmt, wanted)
-    elif isinstance(value, dict):
-        columns, rows = _from_columns(value, fmt, wanted)
-    elif isinstance(value, list) and all(isinstance(v, dict) for v in value):
-        columns, rows = _from_records(value, fmt, wanted)
-    else:
-        raise Problem(400, f"{fmt} must be an object of columns or a list of row objects (this model has named inputs)")
-    missing = [c for c in wanted if c not in columns]
-    if missing and rows:
-        raise Problem(400, f"missing input column(s): {', '.join(missing)}")
-    return columns, rows
-
-
-def parse_search(payload: Any) -> tuple[str, int, str | None]:
-    """A `/search` payload → (query, k, filter)."""
-    if not isinstance(payload, dict):
-        raise Problem(400, "search payload must be a JSON object with 'query'")
-    query, k, where = payload.get("query"), payload.get("k", 5), payload.get("filter")
-    if not isinstance(query, str) or not query.strip():
-        raise Problem(400, "'query' must be a non-empty string")
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
-        raise Problem(400, f"'k' must be an integer from 1 to {MAX_K}")
-    if where is not None and not isinstance(where, str):
-        raise Problem(400, "'filter' must be a string (a LanceDB SQL predicate) or null")
-    return query, k, where
-
-
-# --- the app -------------------------------------------------------------------------------------
+    values = [v for k, v in scope["headers"] if k == name]
+    if len(values) > 1 and name in SINGLE_HEADERS:
+        raise Problem(400, f"more than one {name.decode().title()} header")
+    return values[0].decode("latin-1") if values else None
 
 
 async def _body_chunks(receive: Any) -> AsyncIterator[bytes]:
-    """The request body from raw ASGI messages."""
+    """The request body from raw ASGI messages; a client that leaves mid-body is a 499 (logged once)."""
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise Problem(400, "client disconnected before the body was complete")
+            raise Problem(499, "client disconnected before the body was complete")
         if message.get("body"):
             yield message["body"]
         if not message.get("more_body", False):
             return
 
 
+def log_gone(scope: Scope) -> None:
+    """One quiet line for a client that went away mid-request (no traceback, nothing to answer)."""
+    log.warning("%s %s: client went away before its request body was complete (499)", scope.get("method"),
+                scope.get("path"))
+
+
 class Endpoints:
-    """The logic every route shares, free of any framework's request object: token, bounded JSON, predict."""
+    """The logic every route shares, on the raw ASGI scope: token, bounded JSON, predict, search."""
 
-    def __init__(self, model: ServingModel, token: bytes | None, limit: int, batcher: Batcher | None) -> None:
-        self.model, self.token, self.limit, self.batcher = model, token, limit, batcher
+    def __init__(self, model: ServingModel, token: bytes | None, config: ServingConfig, batcher: Batcher | None,
+                 searcher: Searcher | None = None) -> None:
+        self.model, self.token, self.limit, self.batcher = model, token, config.max_body_bytes, batcher
+        self.max_rows = config.limits.max_rows
         self.wanted = model.schema.input_columns
+        self.searcher = searcher
+        self.columns: dict[str, str] = {}
+        self.queries: QueryBatcher | None = None
+        if searcher is not None:
+            kinds = {name: column_kind(t) for name, t in searcher.metadata_types.items()}
+            self.columns = {name: kind for name, kind in kinds.items() if kind is not None}
+            self.queries = QueryBatcher(searcher)
 
-    def authorize(self, authorization: str) -> None:
+    def authorize(self, scope: Scope) -> None:
+        authorization = header(scope, b"authorization")
         if self.token is None:
             return
-        scheme, _, given = authorization.partition(" ")
+        scheme, _, given = (authorization or "").partition(" ")
         # compare_digest: the time taken does not reveal how much of the token matched.
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token):
             raise Problem(401, "missing or invalid bearer token")
 
-    async def read_json(self, content_type: str, declared: str | None, chunks: AsyncIterator[bytes]) -> Any:
-        mime = content_type.split(";")[0].strip().lower()
+    async def read_json(self, scope: Scope, receive: Any) -> Any:
+        mime = (header(scope, b"content-type") or "").split(";")[0].strip().lower()
+        declared = header(scope, b"content-length")
         if mime != "application/json":
-            raise Problem(415, f"Content-Type must be application/json (got {mime or 'none'!r})")
+            raise Problem(415, f"Content-Type must be application/json (got {mime[:80] or 'none'!r})")
         limit = self.limit
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             raise Problem(413, f"request body larger than {limit} bytes")
         parts, size = [], 0
-        async for chunk in chunks:  # also bounds chunked bodies that declare no length
+        async for chunk in _body_chunks(receive):  # also bounds chunked bodies that declare no length
             size += len(chunk)
             if size > limit:
                 raise Problem(413, f"request body larger than {limit} bytes")
@@ -209,7 +155,7 @@ class Endpoints:
             raise Problem(400, f"malformed JSON: {exc}") from None
 
     async def invoke(self, payload: Any) -> list[dict]:
-        columns, rows = parse_invocation(payload, self.wanted)
+        columns, rows = parse_invocation(payload, self.wanted, self.max_rows, self.model.schema.numeric)
         proba = wants_probabilities(payload)
         model = self.model
         try:
@@ -223,6 +169,23 @@ class Endpoints:
         except Exception:
             log.exception("prediction failed")
             raise Problem(500, "prediction failed (see the server log)") from None
+
+    async def search(self, payload: Any) -> list[dict]:
+        query, k, spec = parse_search(payload)
+        if self.searcher is None or self.queries is None:
+            raise Problem(503, "no index: this deployment serves no vector index")
+        try:
+            where = compile_filter(spec, self.columns)
+        except FilterError as exc:
+            raise Problem(400, str(exc)) from None
+        try:
+            return await self.queries.search(query, k, where)
+        except (LifecycleError, ValueError):  # our compiled filter should not fail; never echo Lance's text
+            log.warning("search refused a compiled filter or query (k=%d)", k)
+            raise Problem(400, "search failed: the index could not run this query") from None
+        except Exception:
+            log.exception("search failed")
+            raise Problem(500, "search failed (see the server log)") from None
 
 
 def _problem_body(exc: Problem) -> bytes:
@@ -240,25 +203,23 @@ class ServingApp:
     def __init__(self, api: FastAPI, endpoints: Endpoints) -> None:
         self.api, self.endpoints, self.state = api, endpoints, api.state
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["path"] == "/invocations" and scope["method"] == "POST":
             await self.invocations(scope, receive, send)
         else:
             await self.api(scope, receive, send)
 
-    async def invocations(self, scope: dict, receive: Any, send: Any) -> None:
-        headers = dict(scope["headers"])
+    async def invocations(self, scope: Scope, receive: Any, send: Any) -> None:
         ep = self.endpoints
         extra: list[tuple[bytes, bytes]] = []
         try:
-            ep.authorize(headers.get(b"authorization", b"").decode("latin-1"))
-            declared = headers.get(b"content-length")
-            payload = await ep.read_json(headers.get(b"content-type", b"").decode("latin-1"),
-                                         declared.decode("latin-1") if declared is not None else None,
-                                         _body_chunks(receive))
+            ep.authorize(scope)
+            payload = await ep.read_json(scope, receive)
             status, body = 200, orjson.dumps({"predictions": await ep.invoke(payload)},
                                              option=orjson.OPT_SERIALIZE_NUMPY, default=str)
         except Problem as exc:
+            if exc.status == 499:
+                return log_gone(scope)  # nobody to answer
             status, body = exc.status, _problem_body(exc)
             if exc.status == 401:
                 extra.append((b"www-authenticate", b"Bearer"))
@@ -275,52 +236,45 @@ def create_app(config: ServingConfig, model: ServingModel | None = None,
     Args:
         config: The snapshot's config (lineage, token, limits, index).
         model: A loaded model (tests); default: load `config.model_dir`.
-        searcher: A search backend with `search(query, k, where)`; default: open `config.index` if set.
+        searcher: A search backend (`embed_many`, `search_vectors`, `metadata_types`); default: open
+            `config.index` if set.
 
     Raises:
         LifecycleError: the model or index cannot be loaded (the server must not start half-working).
     """
+    from serving.openapi import document
+
     if model is None:
         model = ServingModel.load(config.model_dir, encoder_threads=config.encoder_threads)
     if searcher is None and config.index is not None:
-        searcher = open_searcher(config.index)
+        searcher = open_searcher(config.index, config.encoder_threads)
     secret = config.token()
     batcher = Batcher(model, config.batch_rows) if model.needs_text else None
-    ep = Endpoints(model, secret.get_secret_value().encode() if secret else None, config.max_body_bytes, batcher)
+    ep = Endpoints(model, secret.get_secret_value().encode() if secret else None, config, batcher, searcher)
     lineage = dict(config.lineage)
+    spec = orjson.dumps(document(model.schema, config.limits.max_rows, ep.columns if searcher else None,
+                                 secret is not None))
 
     app = FastAPI(title="lifecycle serving", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.batcher = batcher  # batch counts, for tests and operators
+    app.state.queries = ep.queries
 
     @app.exception_handler(Problem)
-    async def _problem(_: Request, exc: Problem) -> Response:
+    async def _problem(request: Request, exc: Problem) -> Response:
+        if exc.status == 499:
+            log_gone(request.scope)
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         return Response(_problem_body(exc), exc.status, headers, media_type="application/json")
 
-    async def read_json(request: Request) -> Any:
-        return await ep.read_json(request.headers.get("content-type", ""), request.headers.get("content-length"),
-                                  request.stream())
-
     @app.post("/invocations")  # reached only through FastAPI directly; ServingApp answers it first
     async def invocations(request: Request) -> Response:
-        ep.authorize(request.headers.get("authorization", ""))
-        return _json({"predictions": await ep.invoke(await read_json(request))})
+        ep.authorize(request.scope)
+        return _json({"predictions": await ep.invoke(await ep.read_json(request.scope, request.receive))})
 
     @app.post("/search")
     async def search(request: Request) -> Response:
-        ep.authorize(request.headers.get("authorization", ""))
-        query, k, where = parse_search(await read_json(request))
-        if searcher is None:
-            raise Problem(503, "no index: this deployment serves no vector index")
-        try:
-            results = await run_in_threadpool(searcher.search, query, k, where)
-        except (LifecycleError, ValueError) as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise Problem(400, f"search failed: {reason}") from None
-        except Exception:
-            log.exception("search failed")
-            raise Problem(500, "search failed (see the server log)") from None
-        return _json({"results": results})
+        ep.authorize(request.scope)
+        return _json({"results": await ep.search(await ep.read_json(request.scope, request.receive))})
 
     @app.get("/health")
     @app.get("/ping")  # MLflow's name for it (ScoringServerClient waits on /ping)
@@ -329,7 +283,12 @@ def create_app(config: ServingConfig, model: ServingModel | None = None,
 
     @app.get("/version")
     async def version(request: Request) -> Response:
-        ep.authorize(request.headers.get("authorization", ""))
+        ep.authorize(request.scope)
         return _json({**lineage, "task": model.task.value, "inputs": ep.wanted, "worker_pid": os.getpid()})
+
+    @app.get("/openapi.json")
+    async def openapi(request: Request) -> Response:
+        ep.authorize(request.scope)
+        return Response(spec, media_type="application/json")
 
     return ServingApp(app, ep)

@@ -1,8 +1,9 @@
 """`serving.asgi:app`: the serving app for an outside process manager (gunicorn with uvicorn workers).
 
-Why it exists: `python -m serving` supervises its own SO_REUSEPORT workers; benchmarks/serve.py
-measures that against the kept alternative, `gunicorn -k uvicorn.workers.UvicornWorker -w N
-serving.asgi:app`, on the same load. gunicorn imports this module in each worker and reads `app`, so
+Why it exists: `python -m serving` is gunicorn configured from the snapshot (serving/__main__.py);
+this module lets a plain `gunicorn -k serving.worker.ServingWorker -w N serving.asgi:app` (or
+another process manager) serve the same app, as benchmarks/serve_edge.py does to compare the two.
+gunicorn imports this module in each worker and reads `app`, so
 the app is made on that first read (a module `__getattr__`), from the snapshot config named by
 `$LIFECYCLE_SERVING_CONFIG`: importing the module alone (lint, tests) loads no model.
 """

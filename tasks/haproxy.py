@@ -17,6 +17,7 @@ Why this shape:
   (`resolvers docker`), so a backend that starts after the edge, or gets a new address, is found.
 - **The admin socket never leaves the container**: a unix socket on a tmpfs, reached with `docker
   exec` (works against a remote docker host too), not a published admin port.
+- **A connection cap with a clear answer**: a connection beyond `max_clients` gets 503 JSON.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class EdgeConfig(BaseModel):
     timeouts: EdgeTimeouts = EdgeTimeouts()
     nameserver: str | None = DOCKER_DNS  # None: servers are IP:port (an edge on the host, tests)
     maxconn: int = 4096
+    max_clients: int = 2000  # a connection made while this many are open gets 503 (the earlier ones are served)
 
 
 class Upstream(BaseModel):
@@ -112,6 +114,7 @@ def _ms(seconds: float) -> str:
     return f"{max(1, round(seconds * 1000))}ms"
 
 
+
 def render_config(config: EdgeConfig, route: Route) -> str:
     """haproxy.cfg for the edge: one frontend, backend `serving` with the slots `a` and `b`.
 
@@ -119,14 +122,13 @@ def render_config(config: EdgeConfig, route: Route) -> str:
     buffer) before it picks a server, so a slow client costs the backend nothing and the request can be
     retried (`retry-on`: a keep-alive connection the backend closed meanwhile).
     """
-    t = config.timeouts
-    dns = config.nameserver is not None
+    t, dns = config.timeouts, config.nameserver is not None
+    busy = json.dumps({"error_code": "SERVICE_UNAVAILABLE", "message": f"edge: {config.max_clients} connections open"})
     lines = [ROUTE_MARK + route.model_dump_json(), "global",
              f"    stats socket {config.socket_path} mode 600 level admin", "    stats timeout 10s",
              f"    maxconn {config.maxconn}", "    hard-stop-after 30s", "    log stdout format raw local0 info", ""]
-    if dns:
-        lines += ["resolvers docker", f"    nameserver dns1 {config.nameserver}", "    hold valid 5s",
-                  "    hold nx 5s", "    accepted_payload_size 8192", ""]
+    lines += ["resolvers docker", f"    nameserver dns1 {config.nameserver}", "    hold valid 5s", "    hold nx 5s",
+              "    accepted_payload_size 8192", ""] if dns else []
     lines += ["defaults", "    mode http", "    log global", "    option httplog", "    option dontlog-normal",
               f"    timeout connect {_ms(t.connect_s)}", f"    timeout client {_ms(t.client_s)}",
               f"    timeout server {_ms(t.server_s)}", f"    timeout http-request {_ms(t.http_request_s)}",
@@ -134,6 +136,10 @@ def render_config(config: EdgeConfig, route: Route) -> str:
               "    option http-buffer-request", "    option forwardfor", "    option redispatch 1", "    retries 2",
               "    retry-on conn-failure empty-response", "",
               "frontend edge", f"    bind {config.bind_host}:{config.port}",
+              # Marked when accepted (session scope), so only connections beyond the cap are refused.
+              f"    tcp-request connection set-var(sess.over) int(1) if {{ fe_conn gt {config.max_clients} }}",
+              f"    http-request deny deny_status 503 content-type application/json string '{busy}' "
+              "if { var(sess.over) -m int 1 }",
               "    http-request set-header X-Forwarded-Proto http"]
     if config.max_body_bytes is not None:
         message = json.dumps({"error_code": "REQUEST_TOO_LARGE",
@@ -145,8 +151,7 @@ def render_config(config: EdgeConfig, route: Route) -> str:
               f"    default-server check inter {_ms(t.check_interval_s)} fall 3 rise 2"
               + (" resolvers docker init-addr last,libc,none" if dns else "")]
     for slot in SLOTS:
-        upstream = route.slots.get(slot)
-        address = upstream.address if upstream else EMPTY_SLOT
+        address = upstream.address if (upstream := route.slots.get(slot)) else EMPTY_SLOT
         lines.append(f"    server {slot} {address}" + ("" if route.live == slot else " disabled"))
     return "\n".join(lines) + "\n"
 
@@ -175,9 +180,8 @@ def command(api: RuntimeAPI, line: str) -> str:
     Raises:
         LifecycleError: HAProxy refused the command (its answer is quoted).
     """
-    answer = api(line)
     errors = ("no such", "unknown command", "require", "permission denied", "invalid", "unable", "cannot", "not found")
-    if any(word in answer.lower() for word in errors):
+    if any(word in (answer := api(line)).lower() for word in errors):
         raise LifecycleError(f"edge: `{line}` failed: {answer.strip()}")
     return answer
 
@@ -212,11 +216,9 @@ def switch(api: RuntimeAPI, route: Route, upstream: Upstream, ip: str, port: int
 def wait_drained(api: RuntimeAPI, slot: str, timeout_s: float = 10.0) -> bool:
     """Wait until `slot` has no session left (its in-flight requests answered); False at the timeout."""
     deadline = time.monotonic() + timeout_s
-    while any(s.name == slot and s.sessions for s in server_states(api)):
-        if time.monotonic() > deadline:
-            return False
+    while any(s.name == slot and s.sessions for s in server_states(api)) and time.monotonic() <= deadline:
         time.sleep(0.05)
-    return True
+    return not any(s.name == slot and s.sessions for s in server_states(api))
 
 
 def socket_api(path: str | Path, timeout_s: float = 5.0) -> RuntimeAPI:
@@ -227,10 +229,8 @@ def socket_api(path: str | Path, timeout_s: float = 5.0) -> RuntimeAPI:
             sock.settimeout(timeout_s)
             sock.connect(str(path))
             sock.sendall(line.encode() + b"\n")
-            chunks = []
-            while chunk := sock.recv(65536):
-                chunks.append(chunk)
-        return b"".join(chunks).decode(errors="replace")
+            data = b"".join(iter(lambda: sock.recv(65536), b""))  # until HAProxy closes
+        return data.decode(errors="replace")
 
     return send
 
@@ -291,8 +291,7 @@ def read_config(edge: Any) -> str:
     except docker.errors.NotFound:
         return ""
     with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
-        member = tar.extractfile(CONFIG_NAME)
-        return member.read().decode() if member else ""
+        return (member.read().decode() if (member := tar.extractfile(CONFIG_NAME)) else "")
 
 
 def read_route(edge: Any) -> Route:
@@ -311,8 +310,8 @@ def write_config(edge: Any, config: EdgeConfig, route: Route) -> None:
 
 def create_edge(client: Any, name: str, image: str, network: str, publish: tuple[str, int], config: EdgeConfig,
                 route: Route, labels: dict[str, str] | None = None) -> Any:
-    """Create and start the edge container from the base image (no build step): uid 10001 without
-    capabilities, the admin socket on a tmpfs of that uid, stopped with SIGUSR1 (HAProxy's soft stop).
+    """Create and start the edge from the base image (no build): uid 10001, no capabilities, admin socket
+    on a tmpfs of that uid, stopped with SIGUSR1 (HAProxy's soft stop).
 
     Raises:
         LifecycleError: the port cannot be published, the image has no haproxy, or it did not start.

