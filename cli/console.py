@@ -124,6 +124,6 @@ def filtered_stderr(noise: re.Pattern[bytes] = NATIVE_NOISE) -> Iterator[None]:
     finally:
         sys.stderr.flush()
         os.dup2(original, 2)  # our end of the pipe closes here; children that still hold it keep it open
-        reader.join(timeout=1.0)
+        reader.join(timeout=0.3)  # short: after a stop, ending children may hold the pipe a while longer
         if not reader.is_alive():
             os.close(original)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -72,8 +73,14 @@ def run_server(home: Path) -> Iterator[str]:
     try:
         wait_http(server, f"{url}/health")
         yield url
-    finally:
-        stop_process(server, grace_s=5.0)
+    except BaseException:
+        # A stop, most often: the server's graceful shutdown (seconds) runs beside the rest of the
+        # teardown (the Dask cluster's close) in a thread that is not a daemon, so the process still
+        # waits for it before it exits (and cli.stopping's watchdog bounds the whole).
+        threading.Thread(target=stop_process, args=(server,), kwargs={"grace_s": 5.0},
+                         name="stop-prefect-run-server").start()
+        raise
+    stop_process(server, grace_s=5.0)
 
 
 def start_mlflow_server(home: Path, host: str, port: int, backend_uri: str, artifacts: str | None = None) -> Started:

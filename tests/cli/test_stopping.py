@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import suppress
 from pathlib import Path
 
 import psutil
@@ -109,3 +110,79 @@ def test_sigterm_mid_stage_stops_in_seconds_and_the_next_run_resumes(tmp_path):
         assert any(line.split()[1:3] == ["deploy", "ran"] for line in out.splitlines() if "✓" in line), out
     finally:
         subprocess.run([LIFECYCLE, "down"], cwd=tmp_path, env=env, capture_output=True, timeout=60)
+
+
+def _pty_run(cwd: Path, env: dict[str, str], spec: Path, stop_when: bytes, timeout_s: float = 600.0):
+    """`lifecycle run --spec` on a pseudo-terminal; Ctrl-C typed into it once `stop_when` is on the screen.
+
+    The terminal sends SIGINT to its whole foreground process group, the CLI and every child it started
+    there (the Dask workers included), as a user's Ctrl-C does. Returns (exit code, seconds from the
+    keystroke to the exit, the screen's bytes, every process the run had).
+    """
+    import pty
+
+    pid, master = pty.fork()
+    if pid == 0:  # the child: a session of its own with the pty as its controlling terminal
+        os.chdir(cwd)
+        os.execve(LIFECYCLE, [LIFECYCLE, "run", "--spec", str(spec)], env)
+    root = psutil.Process(pid)
+    screen, seen, typed = b"", {}, None
+    deadline = time.monotonic() + timeout_s
+    os.set_blocking(master, False)
+    status = None
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(master, 65536)
+            screen += chunk
+        except BlockingIOError:
+            time.sleep(0.05)
+        except OSError:  # EIO: the terminal's last writer is gone
+            pass
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        try:
+            seen.update({p.pid: p for p in root.children(recursive=True)})
+        except psutil.Error:
+            pass
+        if typed is None and stop_when in screen:
+            time.sleep(1.0)
+            typed = time.monotonic()
+            os.write(master, b"\x03")
+    else:
+        os.killpg(pid, signal.SIGKILL)
+        pytest.fail(f"lifecycle run did not end within {timeout_s:.0f} s:\n{screen.decode(errors='replace')}")
+    with suppress(OSError):
+        screen += os.read(master, 65536)
+    os.close(master)
+    took = time.monotonic() - typed if typed else 0.0
+    return os.waitstatus_to_exitcode(status), took, screen, list(seen.values())
+
+
+def test_ctrl_c_in_a_terminal_during_train_shows_rounds_then_one_line(tmp_path):
+    """Ctrl-C typed on a terminal mid-train: the screen showed the round counter (never xgboost's
+    "got rank" lines), then one line naming the stage; exit 130 within 10 s; nothing left running."""
+    import re
+
+    import yaml
+
+    from lifecycle.sample import write_sample
+
+    home, port = tmp_path / "home", _free_port()
+    (home / "prefect").mkdir(parents=True)
+    env = {**_env(home, port), "TERM": "xterm"}
+    _, spec = write_sample(tmp_path / "data", rows=1500)
+    raw = yaml.safe_load(spec.read_text())
+    raw["train"] = {"num_boost_round": 100_000, "early_stopping_rounds": None}
+    spec.write_text(yaml.safe_dump(raw))
+    code, took, screen, processes = _pty_run(tmp_path, env, spec, stop_when=b"/100000 rounds")
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.decode(errors="replace"))
+    assert code == 128 + signal.SIGINT, text
+    assert took <= 10.0, f"exit {took:.1f} s after Ctrl-C"
+    assert re.search(r"train .*\d+/100000 rounds", text), text
+    assert "got rank" not in text and "Traceback" not in text, text
+    after = text[text.rfind("rounds"):]
+    stop_lines = [line for line in after.splitlines() if "stopped" in line]
+    assert len(stop_lines) == 1 and "during train" in stop_lines[0], after
+    left = _alive(processes, within_s=max(0.5, 10.0 - took))
+    assert not left, f"left running after Ctrl-C: {left}"
