@@ -7,7 +7,7 @@ round runs every side once, so the sides share the machine's noise), each run ti
 - `raw write`: `pyarrow.parquet.write_table` of the normalised table (already in memory) to
   `pyarrow.fs.S3FileSystem` — the baseline: bytes on the wire and nothing else.
 - `raw csv pipeline`: a hand-written streaming CSV → Parquet on S3 with pyarrow (open_csv + ParquetWriter),
-  the same input work as ingest without versioning, staging or a manifest.
+  the same input work as ingest without hashing, the audit or the Delta commit.
 - `ingest csv` / `ingest parquet`: `tasks.ingest.ingest_dataset` from the local CSV / Parquet into an
   `ObjectStore` on the same endpoint (a fresh prefix each time, so no run is a no-op).
 

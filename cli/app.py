@@ -19,10 +19,11 @@ import typer
 from rich.table import Table
 
 from cli.console import RichObserver, console, fail, filtered_stderr, prepare_env
-from cli.models import promote, rollback
+from cli.models import promote, registered_fact, rollback, trained_fact
 from cli.server import notify, register, up
 from cli.stopping import ends_on_stop
 from lifecycle.errors import LifecycleError
+from lifecycle.records import ModelVersion, TrainedModel
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run and inspect the ML lifecycle.")
 blocks_app = typer.Typer(no_args_is_help=True, help="Block documents of a profile.")
@@ -126,9 +127,8 @@ def _print_summary(result, targets, text_column: str | None) -> None:
                   if result.embeddings else ""),
         "index": (f"{result.index.table}@v{result.index.table_version} · {result.index.index_type} · "
                   f"recall@{result.index.k} {result.index.recall_at_k:.3f}") if result.index else "",
-        "train": f"{result.trained.primary_metric} {result.trained.metrics[result.trained.primary_metric]:.4f}",
-        "register": f"{result.model.model_name} v{result.model.version} · {', '.join(result.model.aliases)} · "
-                    f"{result.model.decision}",
+        "train": trained_fact(result.trained),
+        "register": f"{registered_fact(result.model)} · {result.model.decision}",
         "deploy": (f"{result.deployment.endpoint} (model v{result.deployment.model_version})"
                    if result.deployment else ""),
     }
@@ -218,8 +218,10 @@ def status(profile: str = typer.Option("local", help="Profile.")) -> None:
 
 
 def _detail(rec) -> str:
-    if hasattr(rec, "primary_metric"):
-        return f"{rec.primary_metric}={rec.metrics.get(rec.primary_metric, float('nan')):.4f}"
+    if isinstance(rec, TrainedModel):
+        return trained_fact(rec)
+    if isinstance(rec, ModelVersion):
+        return registered_fact(rec)
     for attr in ("status", "decision", "recall_at_k", "rows", "success"):
         if hasattr(rec, attr):
             return f"{attr}={getattr(rec, attr)}"

@@ -16,6 +16,22 @@ from cli.console import console, err_console, fail, prepare_env
 from lifecycle.errors import LifecycleError
 
 
+def trained_fact(trained) -> str:
+    """A TrainedModel in one cell: its metric and the baseline's beside it."""
+    metric = trained.primary_metric
+    text = f"{metric} {trained.metrics.get(metric, float('nan')):.4f}"
+    base = trained.baseline_metrics.get(metric)
+    return text + (f" · baseline {base:.4f}" if base is not None else "") + \
+        (f" · {trained.layout} layout" if trained.layout else "")
+
+
+def registered_fact(model) -> str:
+    """A ModelVersion in one cell: version, aliases, and whether it earned its place (beats the baseline)."""
+    role = "champion" if model.promoted else "challenger (not promoted)"
+    verdict = f" · {model.baseline_verdict}" if model.baseline_verdict else ""
+    return f"{model.model_name} v{model.version} · {role}{verdict}"
+
+
 def _spec(store, target, dataset: str, version: str, spec_path: Path | None):
     """--spec when given (it must be the dataset's), else the spec the version was trained with."""
     from lifecycle.spec import load_spec
@@ -57,7 +73,8 @@ def promote(
     if audit.moved:
         _moved(audit)
         return
-    err_console.print(f"[bold yellow]not promoted:[/] {audit.decision}  (audit {audit.id})", soft_wrap=True,
+    why = audit.decision.removeprefix("not promoted: ")  # the baseline gate's decision starts with it too
+    err_console.print(f"[bold yellow]not promoted:[/] {why}  (audit {audit.id})", soft_wrap=True,
                       highlight=False)
     raise typer.Exit(code=1)
 

@@ -35,7 +35,9 @@ def _record_id(call: Call) -> str:
     from tasks.registry import model_version_id
 
     name = call.block(MlflowTarget).model_name(call.spec.name)
-    return model_version_id(call.get(TrainedModel), name, call.spec.train.promotion_margin, register_code_version())
+    cfg = call.spec.train
+    return model_version_id(call.get(TrainedModel), name, cfg.promotion_margin, register_code_version(),
+                            (cfg.require_beats_baseline, cfg.baseline_margin))
 
 
 def _work(call: Call, record_id: str | None) -> ModelVersion:

@@ -13,6 +13,10 @@
 | register | model                                     | mlflow                   | ModelVersion     |                |
 | deploy   | model_version (the champion), index       | mlflow, vectors, serving | Deployment       | no champion    |
 
+Ingest writes, audits and commits (write–audit–publish: a landing that fails its audit never enters the
+Delta table and fails ingest); validate publishes the report that audit left, so the event chain below
+is unchanged.
+
 Each row (`flows.runner.Stage`) lives next to its flow in `flows/<stage>.py` with its record id and
 work; this module orders them and runs any part of the table (`run_stages`):
 - the lifecycle flow runs all of it (flows/lifecycle.py);

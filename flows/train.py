@@ -18,12 +18,15 @@ from tasks.validation import require_passed
 def train_code_version() -> str:
     """Everything that shapes the model and what is logged with it."""
     import serving.pyfunc
+    import tasks.baseline
     import tasks.plots
     import tasks.train_data
+    import tasks.train_layout
+    import tasks.train_metrics
     import tasks.training
 
-    return code_version(tasks.training, tasks.train_data, tasks.plots, serving.pyfunc, lifecycle.features,
-                        sys.modules[__name__])
+    return code_version(tasks.training, tasks.train_data, tasks.train_layout, tasks.train_metrics, tasks.baseline,
+                        tasks.plots, serving.pyfunc, lifecycle.features, sys.modules[__name__])
 
 
 @flow(name="train", log_prints=True)

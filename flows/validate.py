@@ -1,5 +1,10 @@
 """Validate flow: the quality gate. A passing report lets later stages use the version; a failing one
-is published as its quarantine record and fails the flow with the failed expectations named."""
+is published as its quarantine record and fails the flow with the failed expectations named.
+
+Under write–audit–publish the checks already ran before the commit (tasks/ingest.py): this stage
+publishes the report that audit left for the version (`lifecycle.dataset.validated` starts the
+build), and validates afresh only a version without one (e.g. after the spec's expectations changed).
+"""
 
 from __future__ import annotations
 
@@ -13,8 +18,9 @@ from infra_blocks import ObjectStore
 from lifecycle.errors import LifecycleError
 from lifecycle.records import DatasetVersion, ValidationReport
 from lifecycle.spec import DatasetSpec
+from tasks.audit import validate_task
 from tasks.records import publish_record
-from tasks.validation import failure_line, report_id, report_markdown, validate_task, version_label
+from tasks.validation import failure_line, report_id, report_markdown, version_label
 
 QUARANTINED_EVENT = "lifecycle.dataset.quarantined"
 
@@ -34,13 +40,19 @@ def _work(call: Call, record_id: str | None) -> ValidationReport:
 
 
 def _publish(call: Call, report: ValidationReport) -> None:
-    """A failing report is published as the quarantine event; either way the verdict becomes an artifact."""
-    dataset = call.get(DatasetVersion)
-    publish_record(call.store, report, event=None if report.success else QUARANTINED_EVENT)
+    publish_verdict(call.store, report)
+
+
+def publish_verdict(store: ObjectStore, report: ValidationReport) -> None:
+    """A failing report is published as the quarantine event; either way the verdict becomes an artifact.
+
+    Also what ingest publishes for a landing its audit refused (flows/ingest.py).
+    """
+    publish_record(store, report, event=None if report.success else QUARANTINED_EVENT)
     create_markdown_artifact(
-        markdown=report_markdown(report, call.store),
-        key=f"validation-{re.sub(r'[^a-z0-9-]', '-', dataset.dataset.lower())}",
-        description=f"Validation of {version_label(dataset)}",
+        markdown=report_markdown(report, store),
+        key=f"validation-{re.sub(r'[^a-z0-9-]', '-', report.dataset.lower())}",
+        description=f"Validation of {report.dataset}@{report.dataset_version}",
     )
 
 

@@ -77,6 +77,7 @@ class DaskCompute(Block):
         cluster_class: Dotted path of a cluster manager class for `cluster_class` mode.
         cluster_kwargs: Keyword arguments for that class.
         device: Where model code runs: `auto` picks cuda for GPU modes, cpu otherwise.
+        train_layout: How training uses the workers: `auto` chooses from the data's size, width and classes.
     """
 
     _block_type_name = "Lifecycle Dask Compute"
@@ -96,6 +97,9 @@ class DaskCompute(Block):
     cluster_class: str | None = Field(None, description="Dotted path of a cluster manager class.")
     cluster_kwargs: dict[str, Any] = Field(default_factory=dict, description="Kwargs for cluster_class.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device for xgboost and the encoder.")
+    train_layout: Literal["auto", "single", "distributed"] = Field(
+        "auto", description="Training layout: auto picks from the data (tasks/train_layout.py); single = one "
+        "worker with every thread of its host; distributed = xgboost.dask on every worker.")
 
     @property
     def resolved_device(self) -> str:
@@ -141,7 +145,7 @@ class DaskCompute(Block):
         }[self.mode]
 
     def _cache_key(self) -> str:
-        return self.model_dump_json(exclude={"device"})
+        return self.model_dump_json(exclude={"device", "train_layout"})  # same workers whatever runs on them
 
     def _start_cluster(self) -> Any:
         path = self.cluster_class_path()

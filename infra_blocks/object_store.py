@@ -18,7 +18,7 @@ import re
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import fsspec
 from prefect.blocks.core import Block
@@ -27,36 +27,26 @@ from pydantic import Field, SecretStr
 
 from lifecycle.errors import LifecycleError, StoreUnavailableError
 
-# pyarrow's S3 client reports an unreachable endpoint as a plain OSError; these mean "try again later".
+# pyarrow's and delta-rs's S3 clients report an unreachable endpoint as a plain OSError; these mean "retry".
 _PYARROW_TRANSIENT = re.compile(
     r"AWS Error (NETWORK_CONNECTION|REQUEST_TIMEOUT|SERVICE_UNAVAILABLE|SLOW_DOWN|THROTTLING|INTERNAL_FAILURE)"
-    r"|curlCode: (6|7|28|52|55|56)\b"
+    r"|curlCode: (6|7|28|52|55|56)\b|client error \(Connect\)|error sending request"  # the last two: delta-rs
 )
 
 
 @functools.lru_cache(maxsize=1)
 def _transient_types() -> tuple[type[BaseException], ...]:
     """Client exception classes that mean the endpoint did not answer (imported lazily: optional extras)."""
+    import importlib
+
     found: list[type[BaseException]] = [ConnectionError, TimeoutError]
-    try:
-        from botocore.exceptions import ConnectionError as BotoConnectionError
-        from botocore.exceptions import HTTPClientError
-
-        found += [BotoConnectionError, HTTPClientError]
-    except ImportError:
-        pass
-    try:
-        from aiohttp import ClientConnectionError, ServerTimeoutError
-
-        found += [ClientConnectionError, ServerTimeoutError]
-    except ImportError:
-        pass
-    try:
-        from fsspec.exceptions import FSTimeoutError
-
-        found.append(FSTimeoutError)
-    except ImportError:
-        pass
+    for module, names in (("botocore.exceptions", ("ConnectionError", "HTTPClientError")),
+                          ("aiohttp", ("ClientConnectionError", "ServerTimeoutError")),
+                          ("fsspec.exceptions", ("FSTimeoutError",))):
+        try:
+            found += [getattr(importlib.import_module(module), name) for name in names]
+        except (ImportError, AttributeError):
+            pass
     return tuple(found)
 
 
@@ -76,7 +66,7 @@ def is_unreachable(exc: BaseException) -> bool:
             return bool(getattr(current, "transient", False))
         if isinstance(current, types):
             return True
-        if isinstance(current, OSError) and _PYARROW_TRANSIENT.search(str(current)):
+        if _PYARROW_TRANSIENT.search(str(current)):  # pyarrow's OSError, delta-rs's DeltaError: text only
             return True
         current = current.__cause__ or current.__context__
     return False
@@ -86,7 +76,8 @@ def unreachable_error(where: str, endpoint: str | None, exc: BaseException) -> S
     """The one-line error for an unreachable store: where, which endpoint, and the client's reason."""
     if isinstance(exc, StoreUnavailableError):
         return exc
-    reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    text = re.sub(r"\x1b\[[0-9;]*m|↳", "", str(exc))  # delta-rs reports a chain of causes, one per line
+    reason = " ".join(line.strip() for line in text.splitlines() if line.strip()) or type(exc).__name__
     reason = reason if len(reason) <= 200 else reason[:197] + "..."
     return StoreUnavailableError(f"{where}: cannot reach the object store at {endpoint or 'the default S3 endpoint'} "
                                  f"({reason})")
@@ -102,7 +93,7 @@ class S3Access(NamedTuple):
     endpoint_url: str | None = None
     verify: bool | str | None = None  # False: no certificate check; a path: CA bundle; None: client default
     use_ssl: bool = True
-    config: dict[str, Any] = {}
+    config: dict[str, Any] = {}  # botocore config (retries, timeouts, pool size)
     anonymous: bool = False
 
 
@@ -130,6 +121,8 @@ class ObjectStore(Block):
         secret_access_key: Secret key when not using `aws_credentials`.
         max_attempts: Attempts per S3 request inside the clients (botocore, s3fs, pyarrow).
         connect_timeout: Seconds to wait for a connection to the S3 endpoint.
+        delta_commit_safety: How delta-rs makes concurrent commits to a Delta table safe on S3.
+        delta_lock_table: DynamoDB table of delta-rs's commit lock (`delta_commit_safety: dynamodb`).
     """
 
     _block_type_name = "Lifecycle Object Store"
@@ -151,6 +144,14 @@ class ObjectStore(Block):
     )
     connect_timeout: float | None = Field(
         None, gt=0, description="Seconds to wait for a connection to the S3 endpoint; None keeps the defaults."
+    )
+
+    delta_commit_safety: Literal["etag", "dynamodb", "unsafe_rename"] = Field(
+        "etag", description="How concurrent Delta commits stay safe on S3: `etag` (conditional put: AWS S3, "
+        "MinIO, Ceph RGW, moto), `dynamodb` (delta-rs's lock table), or `unsafe_rename` (single writer only)."
+    )
+    delta_lock_table: str | None = Field(
+        None, description="DynamoDB table of the delta-rs commit lock when delta_commit_safety is dynamodb."
     )
 
     @property
@@ -223,10 +224,7 @@ class ObjectStore(Block):
         return opts
 
     def object_store_options(self) -> dict[str, str]:
-        """Storage options for Rust object_store clients: delta-rs and LanceDB (`aws_*` keys, strings).
-
-        delta-rs adds its own commit-safety option (`conditional_put: etag` on S3) on top of these.
-        """
+        """Storage options for Rust object_store clients (LanceDB; `aws_*` keys, strings)."""
         if self.protocol != "s3":
             return {}
         access = self.s3_access()
@@ -240,6 +238,29 @@ class ObjectStore(Block):
             opts["allow_http"] = "true"
         if access.verify is False:
             opts["allow_invalid_certificates"] = "true"
+        return opts
+
+    def delta_storage_options(self) -> dict[str, str]:
+        """Storage options for delta-rs: `object_store_options` under delta-rs's names, the client retry
+        and timeout settings, and the commit-safety option. Why the last: a Delta commit is "create
+        `_delta_log/<n>.json` unless it exists", which S3 offers only as a conditional put (AWS S3,
+        MinIO, Ceph RGW, moto); without it two writers could both write version n, one commit lost.
+        """
+        if self.protocol != "s3":
+            return {}
+        names = {"aws_endpoint": "AWS_ENDPOINT_URL", "allow_http": "AWS_ALLOW_HTTP",
+                 "allow_invalid_certificates": "AWS_ALLOW_INVALID_CERTIFICATES"}
+        opts = {names.get(k, k.upper()): v for k, v in self.object_store_options().items()}
+        opts.setdefault("AWS_REGION", "us-east-1")
+        opts.update({"max_retries": str(self.max_attempts - 1)} if self.max_attempts else {})
+        opts.update({"connect_timeout": f"{self.connect_timeout:g}s"} if self.connect_timeout else {})
+        if self.delta_commit_safety == "etag":
+            opts["conditional_put"] = "etag"
+        elif self.delta_commit_safety == "dynamodb":
+            opts["AWS_S3_LOCKING_PROVIDER"] = "dynamodb"
+            opts.update({"DELTA_DYNAMO_TABLE_NAME": self.delta_lock_table} if self.delta_lock_table else {})
+        else:
+            opts["AWS_S3_ALLOW_UNSAFE_RENAME"] = "true"
         return opts
 
     def filesystem(self) -> fsspec.AbstractFileSystem:
@@ -329,8 +350,7 @@ class ObjectStore(Block):
             raise ValueError("move: sources and targets differ in length")
         if not sources:
             return
-        src = [self.path(k) for k in sources]
-        dst = [self.path(k) for k in targets]
+        src, dst = [self.path(k) for k in sources], [self.path(k) for k in targets]
         with self.unreachable_as_error(posixpath.commonpath(targets)):
             fs = self.filesystem()
             if self.protocol == "file":

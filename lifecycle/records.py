@@ -76,17 +76,23 @@ class Record(BaseModel):
 
 
 class DatasetVersion(Record):
-    """An immutable, normalised version of a dataset in the lake (exists iff its manifest does)."""
+    """A version of a dataset's Delta Lake table: what the table holds at that version and what its
+    commit added. The id is the table's content hash, so the same content has the same id."""
 
     kind: ClassVar[str] = "dataset"
     event: ClassVar[str | None] = "lifecycle.dataset.ingested"
-    source: str
-    path: str = Field(..., description="Store key of the version folder.")
-    parts: list[str] = Field(..., description="Parquet part keys, in row order.")
+    source: str = Field(..., description="What the commit of this version ingested.")
+    path: str = Field(..., description="Store key of the Delta table (`datasets/<name>`).")
+    parts: list[str] = Field(..., description="The Parquet files of this table version in row order (store keys).")
     rows: int
     bytes: int
     schema_: dict[str, str] = Field(..., alias="schema", description="Column -> Arrow type.")
     spec_hash: str
+    table_version: int = Field(0, description="The Delta table version (time travel reads it back).")
+    added_files: list[str] = Field(default_factory=list, description="The files this version's commit added.")
+    added_rows: int = Field(0, description="The rows this version's commit added.")
+    content_hash: str = Field("", description="Hash of the table's rows at this version (also in the commit).")
+    added_hash: str = Field("", description="Hash of the rows the commit added (its idempotency key).")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -161,6 +167,10 @@ class TrainedModel(Record):
     greater_is_better: bool
     device: str = "cpu"
     train_seconds: float = 0.0
+    baseline_metrics: dict[str, float] = Field(
+        default_factory=dict, description="The linear baseline's holdout metrics (same split, same run).")
+    baseline: str = Field("", description="What the baseline was fit on (features, rows, id-hash sample).")
+    layout: str = Field("", description="Training layout: single (one worker) or distributed.")
 
 
 class ModelVersion(Record):
@@ -180,6 +190,9 @@ class ModelVersion(Record):
     challenger_value: float
     champion_version: str | None = None
     champion_value: float | None = None
+    baseline_value: float | None = Field(None, description="The baseline's value of `metric` on the same holdout.")
+    beats_baseline: bool | None = Field(None, description="Whether the model beats it by train.baseline_margin.")
+    baseline_verdict: str = Field("", description='"beats baseline by X" or "does not beat baseline (X vs Y)".')
 
 
 class PromotionAudit(Record):

@@ -81,11 +81,14 @@ class TrainConfig(BaseModel):
     promotion_margin: float = Field(
         0.0, ge=0, description="How much better than the champion a challenger must be to be promoted."
     )
-    model: Literal["xgboost", "linear", "auto"] = Field(
-        "auto", description="Model family; auto registers whichever scores better on the holdout."
+    model: Literal["xgboost"] = Field(
+        "xgboost", description="Model family. Only xgboost for now: `linear` and `auto` (register whichever "
+        "scores better) come with serving support for the linear model."
     )
     require_beats_baseline: bool = Field(
-        True, description="Promote only a challenger that beats the linear baseline trained in the same run."
+        False, description="Promote only a challenger that beats the linear baseline trained in the same run. "
+        "Off by default until `model: auto` can ship the baseline instead: on the bundled sample xgboost does "
+        "not beat it, and the quickstart would deploy nothing."
     )
     baseline_margin: float = Field(0.0, ge=0, description="How much better than the baseline a challenger must be.")
     baseline_max_rows: int = Field(

@@ -1,28 +1,40 @@
-"""Ingest: raw CSV / Parquet / JSONL → a normalised, content-versioned Parquet dataset in the store.
+"""Ingest: raw CSV / Parquet / JSONL → one commit of the dataset's Delta Lake table, after an audit.
 
-Why this shape:
-- The source is streamed in Arrow batches (tasks/sources.py), so memory stays bounded whatever the
-  file size; columns are cast to the types the spec implies, so two files with the same values give
-  the same version.
-- The version is a hash of the normalised rows (order-preserving, independent of batch boundaries,
-  `lifecycle.streaming.ContentHash`), so re-ingesting the same content is a no-op and different
-  content never shares a version.
-- Reading and hashing run up to two row groups ahead in a thread (`prefetch`), overlapping the
-  Parquet encoding and upload of the group before.
-- Parts are written to a staging prefix and moved under `datasets/<name>/<version>/`; the manifest is
-  written **last**. A version exists iff its manifest does; leftovers of a failed run are invisible and
-  removed by the next ingest.
-- An unreachable store (or S3 source) is a `StoreUnavailableError`: one line like every user error, but
-  transient, so the task retries it; bad input is a plain `LifecycleError` and is never retried.
+Write–audit–publish, and how it fits the stage table (flows/stages.py):
+- **write**: the source is streamed in Arrow batches (tasks/sources.py), cast to the spec's schema,
+  hashed (`lifecycle.streaming.ContentHash`, independent of batch boundaries) and written as Parquet
+  files straight into the table location `datasets/<name>/`. Files no commit names are invisible to
+  every Delta reader, so nothing is copied on commit.
+- **audit**: the new files pass the GX suite one file at a time, and the table-level checks read only
+  the id column and the commit metadata (tasks/audit.py). A landing that fails is moved under
+  `quarantine/<name>/<id>/` with its report and Data Docs and raises `LandingQuarantined`; the table
+  does not change.
+- **publish**: one Delta commit (`tasks.lake.commit_files`): `append` (default; each landing or source
+  one commit) or `replace` (an overwrite commit). The ingest stage therefore does write + audit +
+  commit; the validate stage publishes the report the audit left (`tasks.audit.validate_task` finds
+  it with `tasks.validation.stored_report`), so the event chain (`lifecycle.dataset.validated` →
+  build) and every later stage are unchanged.
+- **idempotent**: each commit carries Delta app transactions keyed by the rows' hash and, for a
+  landing object, by its URI + ETag (checked before reading it), scoped to the last overwrite. The
+  same content again commits nothing and returns the table's latest version.
+- **concurrent writers**: a commit that loses the race re-reads the table, re-checks ids against what
+  the winner added, and commits again (optimistic concurrency; no lock).
+- The version id is the table's content hash (the rows of every commit since the last overwrite,
+  chained): the same table content has the same id, so later stages' caches still hold.
+- An unreachable store is a `StoreUnavailableError` (transient: the task retries it); bad input is a
+  plain `LifecycleError`, never retried.
 """
 
 from __future__ import annotations
 
+import json
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
+from dataclasses import dataclass, field
 
 import pandas as pd
 import pyarrow as pa
@@ -31,19 +43,148 @@ from prefect import task
 from prefect.logging import get_run_logger
 
 import lifecycle.spec as spec_module
+import tasks.lake as lake_module
 import tasks.sources as sources_module
 from infra_blocks import ObjectStore
 from infra_blocks.object_store import is_unreachable, unreachable_error
 from lifecycle.errors import LifecycleError
-from lifecycle.records import DatasetVersion, code_version, dump_record
-from lifecycle.spec import DatasetSpec, Task
+from lifecycle.records import (
+    DatasetVersion,
+    FailedExpectation,
+    ValidationReport,
+    code_version,
+    dump_record,
+    stable_hash,
+)
+from lifecycle.spec import DatasetSpec
 from lifecycle.streaming import ContentHash, prefetch
+from tasks.audit import UNIQUE, Audit, audit_files, id_failures, in_suite_order, table_failures
+from tasks.lake import (
+    MAX_LABELS,
+    CommitConflict,
+    NewFile,
+    TableState,
+    add_columns,
+    chained_hash,
+    check_schema,
+    commit_files,
+    table_key,
+    table_state,
+    version_record,
+)
+from tasks.landing import object_etag
 from tasks.policies import retry_unless_user_error
 from tasks.sources import read_source
+from tasks.validation import audit_key, copy_docs, docs_prefix, failure_line, make_report
 
 ROWS_PER_PART = 250_000
-MANIFEST = "manifest.json"
-STAGING = "_staging"
+COMMIT_ATTEMPTS = 20
+
+
+class LandingQuarantined(LifecycleError):
+    """The new files failed the audit: they are in quarantine with `report`; nothing was committed."""
+
+    def __init__(self, message: str, report: ValidationReport) -> None:
+        super().__init__(message)
+        self.report = report
+
+    def __reduce__(self):  # Prefect may pickle a task's exception: keep the report with it
+        return type(self), (str(self), self.report)
+
+
+@dataclass
+class Written:
+    """The files one ingest wrote into the table location, and what they hold."""
+
+    files: list[NewFile] = field(default_factory=list)
+    rows: int = 0
+    schema: pa.Schema | None = None
+    added_hash: str = ""
+    new_columns: list[pa.Field] = field(default_factory=list)
+    in_doubt: bool = False  # a commit of these files was sent and its outcome is unknown
+
+    def keys(self, name: str) -> list[str]:
+        return [f"{table_key(name)}/{f.path}" for f in self.files]
+
+
+def app_id(kind: str, key: str, base: int) -> str:
+    """A Delta app-transaction id, scoped to the rows since the last overwrite (`base`)."""
+    return f"lifecycle-{kind}-{base}-{key[:40]}"
+
+
+def ingest_dataset(store: ObjectStore, spec: DatasetSpec, log=None) -> DatasetVersion:
+    """Ingest the spec's source as one commit of the dataset's table; returns that table version.
+
+    Raises:
+        StoreUnavailableError: the store or the source's endpoint did not answer (transient; retry).
+        LandingQuarantined: the new rows failed the audit; they are in quarantine, the table is unchanged.
+        LifecycleError: one line naming the file and the problem (schema, unreadable); nothing committed.
+    """
+    try:
+        return _ingest(store, spec, log)
+    except LifecycleError:
+        raise
+    except Exception as exc:
+        if is_unreachable(exc):
+            raise unreachable_error(store.uri(table_key(spec.name)), store.endpoint_url, exc) from exc
+        raise
+
+
+def _ingest(store: ObjectStore, spec: DatasetSpec, log=None) -> DatasetVersion:
+    state = table_state(store, spec.name)
+    etag = object_etag(store, spec.source)
+    object_key = stable_hash(spec.source, etag, length=32) if etag else None
+    if state is not None and object_key and _already(state, spec, "", object_key):
+        _say(log, "ingest %s: %s@%s is already in the table (version %d)", spec.name, spec.source, etag, state.version)
+        return version_record(store, spec.name, state=state)
+    written = Written()
+    committed = False
+    try:
+        _write(store, spec, state, written, log)
+        if state is not None and _already(state, spec, written.added_hash, object_key):
+            _say(log, "ingest %s: the same rows are already in the table (version %d)", spec.name, state.version)
+            return version_record(store, spec.name, state=state)
+        append = state is not None and spec.ingest.mode == "append"
+        candidate = chained_hash(state.content_hash if append and state else None, written.added_hash)[:16]
+        with tempfile.TemporaryDirectory(prefix="gx-docs-") as docs_dir:
+            audit = audit_files(
+                store, spec, written.keys(spec.name), state.keys() if append and state else [],
+                earlier_rows=state.rows if append and state else 0,
+                earlier_labels=(state.labels if append and state else set()),
+                label=f"{spec.name}@{candidate}", docs_dir=docs_dir)
+            version = _publish(store, spec, state, written, audit, object_key) if audit.success else None
+            if not audit.success:  # failed here, or against what a concurrent writer committed first
+                _quarantine(store, spec, written, audit, candidate, docs_dir)
+            committed = version is not None
+            record = version_record(store, spec.name, version)
+            if committed:
+                docs_key = copy_docs(store, docs_dir, docs_prefix(record))
+                report = make_report(spec, spec.name, record.id, True, audit.evaluated, [], docs_key)
+                store.write_bytes(audit_key(record), dump_record(report))
+        return record
+    finally:
+        # Best effort: uncommitted files are invisible anyway. Files of a commit whose outcome is unknown
+        # (the store failed during it) stay: the commit may have landed, and the retry will tell.
+        if not committed and not written.in_doubt:
+            with suppress(Exception):
+                for key in written.keys(spec.name):
+                    store.delete(key)
+
+
+def _say(log, *args) -> None:
+    if log:
+        log.info(*args)
+
+
+def _already(state: TableState, spec: DatasetSpec, added_hash: str, object_key: str | None) -> bool:
+    """Whether this landing (by object + ETag) or these rows (by hash) are the table's already."""
+    if object_key and state.committed(app_id("object", object_key, state.base)):
+        return True
+    if not added_hash:
+        return False
+    if spec.ingest.mode == "replace":
+        return state.content_hash == added_hash
+    return state.committed(app_id("rows", added_hash, state.base))
 
 
 def _hashed(tables: Iterator[tuple[str, pa.Table]], hasher: ContentHash) -> Iterator[tuple[str, pa.Table]]:
@@ -53,113 +194,69 @@ def _hashed(tables: Iterator[tuple[str, pa.Table]], hasher: ContentHash) -> Iter
         yield shown, table
 
 
-def _cleanup_invisible(store: ObjectStore, name: str, keep: str = "") -> None:
-    """Remove staging leftovers and version folders without a manifest (failed earlier runs).
+def _write(store: ObjectStore, spec: DatasetSpec, state: TableState | None, out: Written, log=None) -> None:
+    """Stream the source into Parquet files in the table location (not committed: invisible).
 
-    One listing decides it all (no request per version): a folder is visible iff it holds a manifest.
-    `keep` is this run's own staging folder, which may already exist when the listing is taken.
+    The schema is checked against the table's at the first batch, before anything is written. Reading
+    and hashing run in the prefetch thread, encoding and uploading here; finished files close in a
+    helper thread (on S3 a close waits for the last chunk's upload).
     """
-    keys = [k.split("/") for k in store.list_keys(f"datasets/{name}")]
-    folders = {k[2] for k in keys if len(k) >= 4 and k[2] != STAGING}
-    folders |= {f"{STAGING}/{k[3]}" for k in keys if len(k) >= 5 and k[2] == STAGING}
-    visible = {k[2] for k in keys if len(k) == 4 and k[3] == MANIFEST}
-    for folder in sorted(folders - visible - {keep.removeprefix(f"datasets/{name}/")}):
-        store.delete(f"datasets/{name}/{folder}")
-
-
-def ingest_dataset(store: ObjectStore, spec: DatasetSpec, log=None) -> DatasetVersion:
-    """Ingest the spec's source into the store and return its DatasetVersion (pure; no Prefect).
-
-    Raises:
-        StoreUnavailableError: the store or the source's endpoint did not answer (transient; retry).
-        LifecycleError: one line naming the file and the problem; nothing becomes visible.
-    """
-    try:
-        return _ingest(store, spec, log)
-    except LifecycleError:
-        raise
-    except Exception as exc:
-        if is_unreachable(exc):
-            raise unreachable_error(store.uri(f"datasets/{spec.name}"), store.endpoint_url, exc) from exc
-        raise
-
-
-def _ingest(store: ObjectStore, spec: DatasetSpec, log=None) -> DatasetVersion:
-    staging = f"datasets/{spec.name}/{STAGING}/{uuid.uuid4().hex}"
-    # Two helpers run beside the read → encode → upload pipeline: the cleanup of earlier runs' leftovers
-    # (one listing, then deletes; joined before the commit, so it can never touch what this run
-    # commits), and the closing of finished parts (on S3 a close waits for the last chunk's upload,
-    # which would otherwise stall encoding the next part).
-    helpers = ThreadPoolExecutor(2, thread_name_prefix="ingest")
-    cleanup = helpers.submit(_cleanup_invisible, store, spec.name, staging)
+    run = uuid.uuid4().hex[:12]
+    folder = table_key(spec.name)
+    helpers = ThreadPoolExecutor(1, thread_name_prefix="ingest")
     closing: list[Future] = []
     pafs = store.pyarrow_filesystem()
-    hasher, rows = ContentHash(), 0
-    parts: list[str] = []
-    labels: set[str] = set()
+    hasher = ContentHash()
     writer: pq.ParquetWriter | None = None
-    part_rows = 0
-    schema = None
+    part_rows, nulls = 0, {}
     try:
-        # Reading and hashing run in the prefetch thread, encoding and uploading here: on two cores
-        # the two halves take about as long as each other.
         for _shown, table in prefetch(_hashed(read_source(store, spec), hasher)):
-            schema = table.schema
-            if spec.task is not Task.regression and len(labels) < 2:
-                labels.update(v for v in table.column(spec.label_column).unique().to_pylist() if v is not None)
+            if out.schema is None:
+                out.schema = table.schema
+                if state is not None:  # a replace may add columns too, but never drop or retype one
+                    allowed = spec.ingest.allow_new_columns if spec.ingest.mode == "append" else table.schema.names
+                    out.new_columns = check_schema(state.schema, table.schema, allowed, spec.source)
             offset = 0
             while offset < table.num_rows:
                 if writer is None:
-                    parts.append(f"{staging}/part-{len(parts):05d}.parquet")
-                    if not parts[:-1]:  # a folder in a file lake; nothing on S3 (no marker objects)
-                        store.filesystem().makedirs(store.path(staging), exist_ok=True)
-                    writer = pq.ParquetWriter(store.path(parts[-1]), table.schema, filesystem=pafs,
+                    name = f"part-{run}-{len(out.files):05d}.parquet"
+                    if not out.files and store.protocol == "file":
+                        store.filesystem().makedirs(store.path(folder), exist_ok=True)
+                    writer = pq.ParquetWriter(store.path(f"{folder}/{name}"), table.schema, filesystem=pafs,
                                               use_dictionary=_dictionary_columns(spec, table.schema))
-                    part_rows = 0
+                    out.files.append(NewFile(path=name, size=0, rows=0))
+                    part_rows, nulls = 0, dict.fromkeys(table.schema.names, 0)
                 take = min(ROWS_PER_PART - part_rows, table.num_rows - offset)
-                writer.write_table(table.slice(offset, take))
-                offset, part_rows, rows = offset + take, part_rows + take, rows + take
+                piece = table.slice(offset, take)
+                writer.write_table(piece)
+                for col, values in zip(piece.column_names, piece.columns):
+                    nulls[col] += values.null_count
+                offset, part_rows, out.rows = offset + take, part_rows + take, out.rows + take
+                out.files[-1] = NewFile(path=out.files[-1].path, size=0, rows=part_rows, null_counts=dict(nulls))
                 if part_rows >= ROWS_PER_PART:
                     _close_behind(helpers, closing, writer)
                     writer = None
-            if log:
-                log.info("ingest %s: %d rows read", spec.name, rows)
+            _say(log, "ingest %s: %d rows read", spec.name, out.rows)
         if writer is not None:
             _close_behind(helpers, closing, writer)
             writer = None
         for done in closing:
             done.result()
-        cleanup.result()
-        if rows == 0 or schema is None:
-            raise LifecycleError(f"{spec.source}: empty file (no data rows)")
-        if spec.task is not Task.regression and len(labels) < 2:
-            only = next(iter(labels), "none")
-            raise LifecycleError(
-                f"{spec.source}: label column {spec.label_column!r} has one class ({only}); "
-                f"{spec.task.value} needs two or more"
-            )
-        version = hasher.hexdigest(str(schema).encode() + spec.name.encode())[:16]
-        final = f"datasets/{spec.name}/{version}"
-        if store.exists(f"{final}/{MANIFEST}"):  # the same content again: a no-op
-            record = DatasetVersion.model_validate_json(store.read_bytes(f"{final}/{MANIFEST}"))
-        else:
-            record = _commit(store, spec, version, parts, rows, schema)
     except BaseException:
-        # Best effort: the store may be what failed. Whatever stays behind has no manifest, so it is
-        # invisible, and the next ingest removes it.
         with suppress(Exception):
             if writer is not None:
                 writer.close()
-        for pending in [*closing, cleanup]:
+        for pending in closing:
             with suppress(BaseException):
                 pending.result()
-        with suppress(Exception):
-            store.delete(staging)
         raise
     finally:
         helpers.shutdown(wait=True)
-    store.delete(staging)
-    return record
+    if out.rows == 0 or out.schema is None:
+        raise LifecycleError(f"{spec.source}: empty file (no data rows)")
+    sizes = store.filesystem().sizes([store.path(k) for k in out.keys(spec.name)])  # one batch of requests
+    out.files = [NewFile(f.path, size, f.rows, f.null_counts) for f, size in zip(out.files, sizes)]
+    out.added_hash = hasher.hexdigest(str(out.schema).encode() + spec.name.encode())
 
 
 def _close_behind(helpers: ThreadPoolExecutor, closing: list[Future], writer: pq.ParquetWriter) -> None:
@@ -174,42 +271,106 @@ def _dictionary_columns(spec: DatasetSpec, schema: pa.Schema) -> list[str]:
 
     The id is unique by contract, so a dictionary for it is built only to be thrown away (Parquet falls
     back to plain encoding once a page's dictionary passes 1 MB). Every other column may repeat
-    values - labels, categoricals, and in practice also rounded numbers and templated text - and
-    where it does, the dictionary makes the parts smaller *and* faster to write: 1M sample rows encode
-    in 0.24 s to 25.8 MB this way, against 0.28 s to 34.6 MB with dictionaries on labels and
-    categoricals only. Fewer bytes is also less to upload.
+    values, and where it does the dictionary makes the parts smaller *and* faster to write: 1M sample
+    rows encode in 0.24 s to 25.8 MB this way, against 0.28 s to 34.6 MB with dictionaries on labels and
+    categoricals only.
     """
     return [c for c in schema.names if c != spec.id_column]
 
 
-def _commit(store: ObjectStore, spec: DatasetSpec, version: str, parts: list[str], rows: int,
-            schema: pa.Schema) -> DatasetVersion:
-    """Move the staged parts under the version's prefix, then write the manifest: the commit point."""
-    final = f"datasets/{spec.name}/{version}"
-    moved = [f"{final}/part-{i:05d}.parquet" for i in range(len(parts))]
-    store.move(parts, moved)
-    fs = store.filesystem()
-    record = DatasetVersion(
-        id=version,
-        dataset=spec.name,
-        code_version=code_version(spec_module, sources_module, sys.modules[__name__]),
-        source=spec.source,
-        path=final,
-        parts=moved,
-        rows=rows,
-        bytes=sum(fs.sizes([store.path(k) for k in moved])),  # one batch of requests, not one per part
-        schema_={f.name: str(f.type) for f in schema},
-        spec_hash=spec.section_hash(),
-    )
-    store.write_bytes(f"{final}/{MANIFEST}", dump_record(record))
-    return record
+def _publish(store: ObjectStore, spec: DatasetSpec, state: TableState | None, written: Written, audit: Audit,
+             object_key: str | None) -> int | None:
+    """Commit the audited files; returns the new version, or None when another writer committed the
+    same landing first. After a lost race the table is re-read and what the winner added re-checked.
+
+    Raises:
+        LifecycleError: the commit kept losing races, or the winner's commit makes these files fail.
+    """
+    audited = set(state.files) if state is not None else set()
+    schema = written.schema
+    assert schema is not None
+    for attempt in range(COMMIT_ATTEMPTS):
+        if attempt:
+            state = table_state(store, spec.name)
+            if state is not None and _already(state, spec, written.added_hash, object_key):
+                return None
+        append = state is not None and spec.ingest.mode == "append"
+        rows, labels = audit.rows, audit.labels
+        if attempt and state is not None and append:
+            check_schema(state.schema, schema, spec.ingest.allow_new_columns, spec.source)
+            since = [k for k, f in zip(state.keys(), state.files) if f not in audited]
+            duplicates = id_failures(store, spec, written.keys(spec.name), since)
+            rows = state.rows + written.rows
+            labels = (state.labels or set()) | audit.labels if audit.labels is not None else None
+            problems = table_failures(spec, rows, labels)
+            if duplicates:
+                problems.append(FailedExpectation(expectation=UNIQUE, column=spec.id_column,
+                                                  detail="; ".join(duplicates)))
+            if problems:
+                audit.success, audit.failed = False, in_suite_order(spec, problems)
+                return None
+        elif attempt:
+            rows = written.rows
+        if state is not None and written.new_columns:
+            missing = [f for f in written.new_columns if f.name not in state.schema.names]
+            if missing:
+                add_columns(state, missing)
+                continue  # the schema commit moved the table on: commit the data against it
+        version = 0 if state is None else state.version + 1
+        base = state.base if append and state is not None else version
+        previous = state.content_hash if append and state is not None else None
+        meta = {
+            "files": _json([f.path for f in written.files]), "added_rows": written.rows,
+            "added_hash": written.added_hash, "content_hash": chained_hash(previous, written.added_hash),
+            "base": base, "rows": rows, "mode": spec.ingest.mode, "source": spec.source,
+            "spec_hash": spec.section_hash(),
+            "code_version": code_version(spec_module, sources_module, lake_module, sys.modules[__name__]),
+        }
+        if labels is not None and len(labels) <= MAX_LABELS:
+            meta["labels"] = _json(sorted(labels))
+        apps = [app_id("rows", written.added_hash, base)] + ([app_id("object", object_key, base)] if object_key else [])
+        written.in_doubt = True
+        try:
+            committed = commit_files(store, state, spec.name, written.files, schema, "append" if append or
+                                     state is None else "overwrite", meta, apps)
+        except CommitConflict:
+            written.in_doubt = False
+            continue
+        written.in_doubt = False
+        return committed
+    raise LifecycleError(f"{store.uri(table_key(spec.name))}: no commit after {COMMIT_ATTEMPTS} attempts "
+                         "(other writers kept committing first); nothing committed")
+
+
+def _json(value) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def quarantine_prefix(name: str, candidate: str) -> str:
+    return f"quarantine/{name}/{candidate}"
+
+
+def _quarantine(store: ObjectStore, spec: DatasetSpec, written: Written, audit: Audit, candidate: str,
+                docs_dir: str) -> None:
+    """Move failed files under `quarantine/<name>/<id>/` with their report and Data Docs, then raise."""
+    prefix = quarantine_prefix(spec.name, candidate)
+    store.move(written.keys(spec.name), [f"{prefix}/{f.path}" for f in written.files])
+    docs_key = copy_docs(store, docs_dir, f"{prefix}/docs")
+    report = make_report(spec, spec.name, candidate, False, audit.evaluated, audit.failed, docs_key)
+    store.write_bytes(f"{prefix}/report.json", dump_record(report))
+    raise LandingQuarantined(f"{spec.name}@{candidate} failed validation: {failure_line(report)} "
+                             f"(quarantined under {store.uri(prefix)}; nothing committed)", report)
 
 
 def read_dataset(store: ObjectStore, dataset: DatasetVersion, columns: list[str] | None = None) -> pd.DataFrame:
-    """The whole version as a DataFrame (for small data and tests; stages stream parts instead)."""
+    """Exactly that table version as a DataFrame, rows in commit order (small data and tests; stages
+    stream `dataset.parts`). Files written before a column was added read it as nulls."""
+    import pyarrow.dataset as pads
+
     pafs = store.pyarrow_filesystem()
-    tables = [pq.read_table(store.path(k), filesystem=pafs, columns=columns) for k in dataset.parts]
-    return pa.concat_tables(tables).to_pandas()
+    paths = [store.path(k) for k in dataset.parts]
+    schema = pa.unify_schemas([pq.read_schema(p, filesystem=pafs) for p in paths])
+    return pads.dataset(paths, schema=schema, format="parquet", filesystem=pafs).to_table(columns=columns).to_pandas()
 
 
 @task(name="ingest-dataset", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error,

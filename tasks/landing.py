@@ -230,3 +230,21 @@ def landed_event(obj: LandedObject) -> dict[str, Any]:
     """Keyword arguments of `emit_event` for one landed object."""
     return {"event": LANDED_EVENT, "resource": obj.event_resource(), "id": obj.event_id,
             "payload": {"object": obj.model_dump(mode="json")}}
+
+
+def object_etag(store: ObjectStore, source: str) -> str | None:
+    """The ETag (or size+mtime in a file lake) of a source that is one landing object of the store;
+    None for any other source. Ingest keys its idempotent commit on it, so a redelivered landing is
+    recognised before it is read."""
+    root = store.uri(LANDING) + "/"
+    if not source.startswith(root) or any(ch in source for ch in "*?["):
+        return None
+    key = f"{LANDING}/{source[len(root):]}"
+    if dataset_of(key) is None:
+        return None
+    try:
+        with store.unreachable_as_error(key):
+            info = store.filesystem().info(store.path(key))
+    except FileNotFoundError:
+        return None
+    return None if info.get("type") == "directory" else _etag(info)

@@ -1,6 +1,7 @@
 """Diagnostic figures for a training run, logged to MLflow as artifacts.
 
-Feature importance always; a confusion matrix for classifiers, residuals for regression.
+Feature importance for the tree model; a confusion matrix for classifiers, residuals for regression, for the
+model and (prefixed `baseline_`) for the linear baseline fit in the same run.
 
 Built on `matplotlib.figure.Figure` directly (no pyplot), so no GUI backend is ever selected and
 nothing global changes: the flows run in worker threads and headless containers.
@@ -73,19 +74,29 @@ def residuals_figure(y_true: np.ndarray, y_pred: np.ndarray) -> Any:
     return fig
 
 
-def log_figures(booster: Any, task: Any, y_true: np.ndarray, raw: np.ndarray, classes: list[str]) -> list[str]:
-    """Log the run's figures under `plots/` of the active MLflow run; returns their artifact paths."""
+def log_figures(booster: Any, task: Any, y_true: np.ndarray, raw: np.ndarray, classes: list[str],
+                prefix: str = "") -> list[str]:
+    """Log the run's figures under `plots/` of the active MLflow run; returns their artifact paths.
+
+    Args:
+        booster: the tree model (its feature importance is plotted), or None for the linear baseline.
+        prefix: file-name prefix, e.g. `baseline_`: the baseline's plots sit beside the model's.
+    """
     import mlflow
 
     from lifecycle.spec import Task
 
-    figures = {"plots/feature_importance.png": feature_importance_figure(booster)}
+    figures = {"plots/feature_importance.png": feature_importance_figure(booster)} if booster is not None else {}
+    title = "Baseline holdout" if prefix else "Holdout"
     if task is Task.regression:
-        figures["plots/residuals.png"] = residuals_figure(y_true, raw)
+        fig = residuals_figure(y_true, raw)
+        figures[f"plots/{prefix}residuals.png"] = fig
     else:
         proba = np.asarray(raw)
         pred = (proba > 0.5).astype(int) if proba.ndim == 1 else proba.argmax(axis=1)
-        figures["plots/confusion_matrix.png"] = confusion_matrix_figure(y_true, pred, classes)
-    for path, fig in figures.items():
-        mlflow.log_figure(fig, path)
+        fig = confusion_matrix_figure(y_true, pred, classes)
+        fig.axes[0].set_title(f"{title} confusion matrix")
+        figures[f"plots/{prefix}confusion_matrix.png"] = fig
+    for path, figure in figures.items():
+        mlflow.log_figure(figure, path)
     return list(figures)

@@ -5,6 +5,10 @@ Why this shape:
   challenger beats the current champion by `train.promotion_margin` on the primary metric, measured
   on the SAME holdout (the challenger's dataset version, split by the same id hash). Comparing numbers
   that each model scored on its own data would promote by luck of the split.
+- A challenger must also beat the plain baseline fit in its own training run (tasks/baseline.py) by
+  `train.baseline_margin` on the same holdout (`train.require_beats_baseline: false` turns it off).
+  The verdict ("beats baseline by X" / "does not beat baseline (X vs Y)") is always in the decision,
+  so even a model that need not beat it says where it stands.
 - The decision (text, both values) is written on the version as tags and into the ModelVersion record;
   the tag `lifecycle.record` names that record, so "the champion's record" is one alias lookup and one
   read (tasks/promotion.py), not a listing of the store.
@@ -107,9 +111,39 @@ def retry_on_connection_error(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-def model_version_id(trained: TrainedModel, model_name: str, margin: float, version: str) -> str:
-    """Same trained model, model name, promotion rule and code → same record (the stage is skipped)."""
-    return stable_hash(trained.id, model_name, margin, trained.primary_metric, version)
+def model_version_id(trained: TrainedModel, model_name: str, margin: float, version: str,
+                     baseline_rule: tuple[bool, float]) -> str:
+    """Same trained model, model name, promotion rule (champion margin; baseline required?, its margin)
+    and code → same record (the stage is skipped)."""
+    return stable_hash(trained.id, model_name, margin, trained.primary_metric, version, *baseline_rule)
+
+
+def versus_baseline(trained: TrainedModel, margin: float) -> tuple[bool | None, float | None, str]:
+    """(beats?, baseline value, verdict) of the model against its run's baseline on the primary metric.
+
+    Beating it means a gain > 0 and >= `margin`, as for the champion: a tie does not earn a place.
+    (None, None, ...) when the training record has no baseline (trained before baselines existed).
+    """
+    metric = trained.primary_metric
+    base = trained.baseline_metrics.get(metric)
+    if base is None:
+        return None, None, "no baseline in the training record"
+    value = float(trained.metrics[metric])
+    gain = value - base if trained.greater_is_better else base - value
+    if gain > 0 and gain >= margin:
+        return True, float(base), f"beats baseline by {gain:.4f} ({metric} {value:.4f} vs {base:.4f})"
+    by = f" by the margin {margin:g}" if margin and gain > 0 else ""
+    return False, float(base), f"does not beat baseline{by} ({metric} {value:.4f} vs {base:.4f})"
+
+
+def bless(spec: DatasetSpec, trained: TrainedModel, promote: bool, text: str) -> tuple[bool, str]:
+    """The champion judgement with the baseline gate applied: promoted only if it also beats the baseline."""
+    beats, _, verdict = versus_baseline(trained, spec.train.baseline_margin)
+    if not spec.train.require_beats_baseline:
+        return promote, f"{text}; {verdict} (not required)"
+    if beats is False and promote:
+        return False, f"not promoted: {verdict}; champion check: {text.removeprefix('promoted: ')}"
+    return promote, f"{text}; {verdict}"
 
 
 def decide(metric: str, greater_is_better: bool, challenger: float, champion: float | None,
@@ -182,11 +216,12 @@ def champion_version(client: Any, name: str) -> Any | None:
 
 def judge(spec: DatasetSpec, trained: TrainedModel, store: ObjectStore, name: str, version: str,
           current: Any | None) -> tuple[bool, str, float | None]:
-    """(promote?, decision text, champion's value) for the challenger `version` against `current`."""
+    """(promote?, decision text, champion's value) for the challenger `version` against `current` and
+    its run's baseline (`bless`)."""
     metric, margin = trained.primary_metric, spec.train.promotion_margin
     challenger = float(trained.metrics[metric])
     if current is None:
-        return (*decide(metric, trained.greater_is_better, challenger, None, margin), None)
+        return (*bless(spec, trained, *decide(metric, trained.greater_is_better, challenger, None, margin)), None)
     if str(current.version) == version:
         return True, f"promoted: v{version} is already the champion", None
     # A champion that uses text embeddings encodes the holdout's text itself, as it would in serving.
@@ -195,7 +230,8 @@ def judge(spec: DatasetSpec, trained: TrainedModel, store: ObjectStore, name: st
         value = champion_value(f"models:/{name}/{current.version}", spec, holdout, metric)
     except LifecycleError as exc:
         return False, f"kept champion v{current.version}: it cannot be scored on this holdout ({exc})", None
-    return (*decide(metric, trained.greater_is_better, challenger, value, margin, str(current.version)), value)
+    decided = decide(metric, trained.greater_is_better, challenger, value, margin, str(current.version))
+    return (*bless(spec, trained, *decided), value)
 
 
 def register_version(spec: DatasetSpec, trained: TrainedModel, store: ObjectStore, target: MlflowTarget,
@@ -276,6 +312,8 @@ def _register(spec: DatasetSpec, trained: TrainedModel, store: ObjectStore, targ
                      "challenger_value": f"{challenger:.6g}",
                      "champion_value": "" if champ_value is None else f"{champ_value:.6g}",
                      "champion_version": str(current.version) if current is not None else ""}
+    beats, base, verdict = versus_baseline(trained, spec.train.baseline_margin)
+    decision_tags.update(baseline_value="" if base is None else f"{base:.6g}", baseline_verdict=verdict)
     for key, value in decision_tags.items():
         client.set_model_version_tag(name, mv.version, f"{TAG}{key}", value)
     return ModelVersion(
@@ -284,6 +322,7 @@ def _register(spec: DatasetSpec, trained: TrainedModel, store: ObjectStore, targ
         aliases=[CHALLENGER, CHAMPION] if promote else [CHALLENGER], promoted=promote, decision=text,
         metric=metric, challenger_value=challenger,
         champion_version=str(current.version) if current is not None else None, champion_value=champ_value,
+        baseline_value=base, beats_baseline=beats, baseline_verdict=verdict,
     )
 
 

@@ -3,8 +3,9 @@ can find the spec its inputs were made with.
 
 Two kinds of spec documents live under `specs/<dataset>/`:
 - `current.json`, the *registered* spec: what new data landing for the dataset is ingested with
-  (`lifecycle register SPEC`, and `lifecycle up` for the bundled sample). Its `source` is replaced by
-  the landed object's URI.
+  (`lifecycle register SPEC`, and `lifecycle up` for the bundled sample). For a landing its `source`
+  becomes the landed object's URI, and with `ingest.mode: append` (the default) that object is one
+  more commit of the dataset's Delta table: the table grows by each landing instead of being replaced.
 - `<spec_hash>.json`, the exact spec a dataset version was ingested with (`DatasetVersion.spec_hash`),
   written before ingest. Later stages started by id load it, so they use the same expectations and
   train settings as the version's own ingest, even after the registered spec has changed.

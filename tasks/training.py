@@ -8,6 +8,9 @@ Why this shape:
 - Features come from `lifecycle.features`, the code serving runs, so train and serve cannot drift.
 - Nothing reaches MLflow until training has finished: a failed attempt (a worker killed mid-training)
   leaves no run and no model behind, and the retry starts clean.
+- Where `boost` runs is chosen from the data (`tasks.train_layout`: one worker with every thread when
+  the version fits one worker, xgboost.dask across all workers otherwise), and every run also fits the
+  plain linear baseline (`tasks.baseline`) the register stage measures the model against.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from lifecycle.errors import LifecycleError
 from lifecycle.features import FeatureSchema, build_schema
 from lifecycle.records import DatasetVersion, EmbeddingSet, TrainedModel, ValidationReport, stable_hash
 from lifecycle.spec import DatasetSpec, Task
+from tasks.baseline import BaselineResult, fit_baseline
 from tasks.policies import retry_unless_user_error
 from tasks.train_data import (  # noqa: F401
     EMBEDDING_COLUMN,
@@ -42,46 +46,25 @@ from tasks.train_data import (  # noqa: F401
     load_holdout,
     matrix_side,
 )
+from tasks.train_layout import Layout, boost_single, choose_layout
+from tasks.train_metrics import (  # noqa: F401 - the metric API is also imported from here
+    GREATER_IS_BETTER,
+    TASK_METRICS,
+    as_probabilities,
+    greater_is_better,
+    holdout_metrics,
+    primary_metric,
+)
 from tasks.train_progress import reported_rounds, round_reporter
 
 TRAIN_SECTIONS = ("train", "split", "numeric_features", "categorical_features", "label_column", "task")
 
-# Direction of every metric we report; the primary (promotion) metric must be one of these.
-GREATER_IS_BETTER: dict[str, bool] = {
-    "accuracy": True, "f1_macro": True, "roc_auc": True, "r2": True,
-    "logloss": False, "rmse": False, "mae": False,
-}
-TASK_METRICS: dict[Task, tuple[str, ...]] = {
-    Task.binary: ("accuracy", "f1_macro", "logloss", "roc_auc"),
-    Task.multiclass: ("accuracy", "f1_macro", "logloss"),
-    Task.regression: ("rmse", "mae", "r2"),
-}
 # XGBoost's per-round eval metrics; the LAST one drives early stopping.
 EVAL_METRICS: dict[Task, list[str]] = {
     Task.binary: ["error", "auc", "logloss"],
     Task.multiclass: ["merror", "mlogloss"],
     Task.regression: ["mae", "rmse"],
 }
-
-
-def greater_is_better(metric: str) -> bool:
-    """Whether a larger value of `metric` is better (decides promotion and early-stopping sense)."""
-    try:
-        return GREATER_IS_BETTER[metric]
-    except KeyError:
-        known = ", ".join(sorted(GREATER_IS_BETTER))
-        raise LifecycleError(f"train.metric: unknown metric {metric!r} (known: {known})") from None
-
-
-def primary_metric(spec: DatasetSpec) -> str:
-    """The promotion metric, checked against the task (e.g. rmse makes no sense for a classifier)."""
-    metric = spec.train.primary_metric(spec.task)
-    if metric not in TASK_METRICS[spec.task]:
-        raise LifecycleError(
-            f"train.metric: {metric!r} is not reported for task {spec.task.value} "
-            f"(choose one of {', '.join(TASK_METRICS[spec.task])})"
-        )
-    return metric
 
 
 def xgb_params(spec: DatasetSpec, n_classes: int, device: str) -> dict[str, Any]:
@@ -104,53 +87,22 @@ def xgb_params(spec: DatasetSpec, n_classes: int, device: str) -> dict[str, Any]
     return params
 
 
-def as_probabilities(raw: np.ndarray) -> np.ndarray:
-    """Booster output of a classifier as an (n, k) probability matrix."""
-    raw = np.asarray(raw, dtype=np.float64)
-    return np.column_stack([1.0 - raw, raw]) if raw.ndim == 1 else raw
-
-
-def holdout_metrics(task: Task, y_true: np.ndarray, raw: np.ndarray) -> dict[str, float]:
-    """Holdout metrics from encoded labels (class indices or values) and the booster's output."""
-    from sklearn import metrics as skm
-
-    y_true = np.asarray(y_true)
-    if task is Task.regression:
-        pred = np.asarray(raw, dtype=np.float64)
-        err = pred - y_true
-        return {
-            "rmse": float(np.sqrt(np.mean(err**2))),
-            "mae": float(np.mean(np.abs(err))),
-            "r2": float(skm.r2_score(y_true, pred)),
-        }
-    proba = np.clip(as_probabilities(raw), 1e-15, 1.0)
-    proba = proba / proba.sum(axis=1, keepdims=True)  # float32 rounding: log_loss wants rows summing to 1
-    labels = list(range(proba.shape[1]))
-    y = y_true.astype(int)
-    pred = proba.argmax(axis=1)
-    out = {
-        "accuracy": float(np.mean(pred == y)),
-        "f1_macro": float(skm.f1_score(y, pred, average="macro", labels=labels, zero_division=0)),
-        "logloss": float(skm.log_loss(y, proba, labels=labels)),
-    }
-    if task is Task.binary and len(np.unique(y)) == 2:
-        out["roc_auc"] = float(skm.roc_auc_score(y, proba[:, 1]))
-    return out
-
-
 def trained_model_id(spec: DatasetSpec, dataset: DatasetVersion, embeddings: EmbeddingSet | None, version: str) -> str:
     return stable_hash(dataset.id, embeddings.id if embeddings else None, spec.section_hash(*TRAIN_SECTIONS), version)
 
 
-def observe_schema(client: Any, ddf: Any, spec: DatasetSpec, embedding_dim: int) -> FeatureSchema:
-    """Category levels and label classes seen in the whole version (one pass on the workers)."""
+def observe_schema(client: Any, ddf: Any, spec: DatasetSpec, embedding_dim: int,
+                   also: list[Any] | None = None) -> tuple[FeatureSchema, list[Any]]:
+    """Category levels and label classes seen in the whole version, and the values of `also` (e.g.
+    row counts), in ONE pass on the workers: each pass over a wide version costs about a second."""
     wanted = [ddf[c].dropna().astype(str).unique() for c in spec.categorical_features]
     if spec.task is not Task.regression:
         wanted.append(ddf[spec.label_column].astype(str).unique())
-    values = client.compute(wanted, sync=True)
+    values = client.compute([*wanted, *(also or [])], sync=True)
+    values, extra = values[:len(wanted)], values[len(wanted):]
     levels = {c: sorted(v.tolist()) for c, v in zip(spec.categorical_features, values)}
     classes = sorted(values[-1].tolist()) if spec.task is not Task.regression else []
-    return build_schema(spec, levels, classes, embedding_dim=embedding_dim)
+    return build_schema(spec, levels, classes, embedding_dim=embedding_dim), extra
 
 
 def boost(client: Any, train: tuple[Any, Any], evals: tuple[Any, Any] | None, params: dict[str, Any],
@@ -196,6 +148,7 @@ class FitResult:
     rows: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     compute: ComputeReport | None = None
+    layout: Layout | None = None
 
 
 def fit(spec: DatasetSpec, dataset: DatasetVersion, store: ObjectStore, compute: DaskCompute,
@@ -221,11 +174,10 @@ def fit(spec: DatasetSpec, dataset: DatasetVersion, store: ObjectStore, compute:
     with compute.get_client(check=False) as client, client.as_current():
         report = compute.preflight(client)
         ddf = client.persist(load_frame(store, spec, dataset, embeddings, eval_rows))
-        schema = observe_schema(client, ddf, spec, emb_dim)
         counts = [ddf[HOLDOUT_COLUMN].size, ddf[HOLDOUT_COLUMN].sum(), ddf[EVAL_COLUMN].sum()]
         if emb_dim:
             counts.append(ddf[EMBEDDING_COLUMN].isna().sum())
-        total, held, evaluated, *lacking = client.compute(counts, sync=True)
+        schema, (total, held, evaluated, *lacking) = observe_schema(client, ddf, spec, emb_dim, counts)
         if lacking and lacking[0] and embeddings is not None:
             raise LifecycleError(f"embedding set {embeddings.id} lacks vectors for {int(lacking[0])} row(s) "
                                  f"of dataset version {dataset.id}")
@@ -241,8 +193,14 @@ def fit(spec: DatasetSpec, dataset: DatasetVersion, store: ObjectStore, compute:
         if rows["eval"] < rows["holdout"]:
             evals = client.persist(list(matrix_side(ddf, ddf[EVAL_COLUMN], schema, spec.label_column, device)))
         params = xgb_params(spec, len(schema.classes), device)
-        booster, history = boost(client, tuple(train), tuple(evals), params, spec.train.num_boost_round,
-                                 spec.train.early_stopping_rounds, schema.feature_names, schema.feature_types)
+        layout = choose_layout(rows["train"], len(schema.feature_names), len(schema.classes), report, device,
+                               compute.train_layout)
+        knobs = (params, spec.train.num_boost_round, spec.train.early_stopping_rounds, schema.feature_names,
+                 schema.feature_types)
+        if layout.kind == "single":
+            booster, history = boost_single(client, layout, tuple(train), tuple(evals), *knobs)
+        else:
+            booster, history = boost(client, tuple(train), tuple(evals), *knobs)
         best = booster.best_iteration if spec.train.early_stopping_rounds else booster.num_boosted_rounds() - 1
         if best + 1 < booster.num_boosted_rounds():
             booster = booster[: best + 1]
@@ -253,13 +211,14 @@ def fit(spec: DatasetSpec, dataset: DatasetVersion, store: ObjectStore, compute:
     return FitResult(booster=booster, schema=schema, params=params, history=history,
                      metrics=holdout_metrics(spec.task, y_true, raw), best_iteration=int(best),
                      y_true=np.asarray(y_true), raw=np.asarray(raw), example=example.reset_index(drop=True),
-                     rows=rows, seconds=time.perf_counter() - start, compute=report)
+                     rows=rows, seconds=time.perf_counter() - start, compute=report, layout=layout)
 
 
 def log_training_run(target: MlflowTarget, spec: DatasetSpec, dataset: DatasetVersion, report: ValidationReport,
                      embeddings: EmbeddingSet | None, result: FitResult, store: ObjectStore, record_id: str,
-                     version: str) -> tuple[str, str]:
-    """Log params, per-round and holdout metrics, lineage tags, plots, raw model files and the pyfunc.
+                     version: str, baseline: BaselineResult | None = None) -> tuple[str, str]:
+    """Log params, per-round and holdout metrics, lineage tags, plots, raw model files and the pyfunc;
+    the baseline's metrics (`baseline_*`), plot and sampling beside the model's.
 
     Returns:
         (run id, model URI). A failure inside marks the run FAILED; no model is registered here.
@@ -285,13 +244,16 @@ def log_training_run(target: MlflowTarget, spec: DatasetSpec, dataset: DatasetVe
     tags = {"lifecycle.dataset": spec.name, "lifecycle.dataset_version": dataset.id,
             "lifecycle.validation_report": report.id, "lifecycle.embedding_set": embeddings.id if embeddings else "",
             "lifecycle.trained_model": record_id, "lifecycle.code_version": version,
-            **(result.compute.tags() if result.compute is not None else {})}
+            **(result.compute.tags() if result.compute is not None else {}),
+            **(result.layout.tags() if result.layout is not None else {}),
+            **(baseline.tags() if baseline is not None else {"lifecycle.baseline.family": "none"})}
     params = {k: v for k, v in result.params.items() if k != "eval_metric"}
     params.update(num_boost_round=spec.train.num_boost_round, early_stopping_rounds=spec.train.early_stopping_rounds,
                   best_iteration=result.best_iteration, holdout_fraction=spec.split.holdout_fraction,
                   split_salt=spec.split.salt, train_rows=result.rows["train"], holdout_rows=result.rows["holdout"],
                   eval_rows=result.rows.get("eval", result.rows["holdout"]),
-                  features=len(result.schema.feature_names), use_text_embeddings=spec.train.use_text_embeddings)
+                  features=len(result.schema.feature_names), use_text_embeddings=spec.train.use_text_embeddings,
+                  **(baseline.params() if baseline is not None else {}))
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(
         experiment_id=experiment_id, run_name=f"{spec.name}-{dataset.id[:8]}-{record_id[:8]}", tags=tags
     ) as run:
@@ -304,11 +266,15 @@ def log_training_run(target: MlflowTarget, spec: DatasetSpec, dataset: DatasetVe
         for i in range(0, len(rounds), 1000):
             client.log_batch(run_id, metrics=rounds[i:i + 1000])
         mlflow.log_metrics(result.metrics)
+        if baseline is not None:
+            mlflow.log_metrics({f"baseline_{k}": v for k, v in baseline.metrics.items()})
         with warnings.catch_warnings(action="ignore", category=UserWarning):  # "source resolves 2 ways"
             sample = from_pandas(result.example, source=store.uri(dataset.path),
                                  name=f"{spec.name}@{dataset.id}", digest=dataset.id[:8])
         mlflow.log_input(sample, context="training", tags={"rows": str(dataset.rows), "version": dataset.id})
         log_figures(result.booster, spec.task, result.y_true, result.raw, result.schema.classes)
+        if baseline is not None:
+            log_figures(None, spec.task, baseline.y_true, baseline.raw, result.schema.classes, prefix="baseline_")
         files = Path(tmp) / RUN_ARTIFACT_DIR
         files.mkdir()
         result.booster.save_model(str(files / BOOSTER_FILE))
@@ -332,7 +298,9 @@ def train_model(spec: DatasetSpec, dataset: DatasetVersion, report: ValidationRe
     metric = primary_metric(spec)
     embeddings = embeddings if spec.train.use_text_embeddings else None  # lineage names only what was used
     result = fit(spec, dataset, store, compute, embeddings)
-    run_id, model_uri = log_training_run(mlflow, spec, dataset, report, embeddings, result, store, record_id, version)
+    baseline = fit_baseline(spec, store, dataset, result.schema.classes)
+    run_id, model_uri = log_training_run(mlflow, spec, dataset, report, embeddings, result, store, record_id, version,
+                                         baseline)
     inputs = {"dataset": dataset.id, "validation": report.id}
     if embeddings is not None:
         inputs["embeddings"] = embeddings.id
@@ -341,6 +309,9 @@ def train_model(spec: DatasetSpec, dataset: DatasetVersion, report: ValidationRe
         embedding_set=embeddings.id if embeddings is not None else None, run_id=run_id, model_uri=model_uri,
         metrics=result.metrics, primary_metric=metric, greater_is_better=greater_is_better(metric),
         device=compute.resolved_device, train_seconds=round(result.seconds, 3),
+        baseline_metrics=baseline.metrics if baseline is not None else {},
+        baseline=baseline.summary() if baseline is not None else "",
+        layout=result.layout.kind if result.layout is not None else "",
     )
 
 

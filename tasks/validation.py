@@ -8,28 +8,31 @@ Why this shape:
   artefacts, so the evidence lives wherever the data lives (file lake or S3).
 - A failing report is still a record: it is the quarantine mark. Later stages call
   `require_passed` and refuse the version, instead of each re-deciding what "valid" means.
+- The suite runs on one file at a time (tasks/audit.py): ingest audits a landing's new files before
+  committing them, and checks that span files (ids unique against the table, row count, label set)
+  read only the id column and the commit metadata. Memory is bounded by a file, not the table.
 
 Great Expectations is imported inside functions: it costs ~4 s to import.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import sys
-import tempfile
 from collections.abc import Collection
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pandas as pd
-from prefect import task
 
 from infra_blocks import ObjectStore
 from lifecycle.errors import QuarantinedError
 from lifecycle.records import DatasetVersion, FailedExpectation, ValidationReport, code_version, stable_hash
 from lifecycle.spec import DatasetSpec, Task
 from tasks.gx_speedups import SPEEDUPS, gx_speedups
-from tasks.policies import retry_unless_user_error
+from tasks.validation_report import describe_failure as describe_failure  # re-exported (flows, tests)
+from tasks.validation_report import failure_line as failure_line
+from tasks.validation_report import report_markdown as report_markdown
+from tasks.validation_report import summarize
 
 if TYPE_CHECKING:
     from great_expectations import ExpectationSuite
@@ -47,7 +50,6 @@ NUMERIC_TYPES = [
 ]
 # pandas 3 strings are dtype `str`; for object columns GX checks each value's Python type instead.
 STRING_TYPE = "str"
-EXAMPLES = 3
 # Data Docs assets not worth copying per version (animated help gifs, webfonts: ~3.9 MB of ~4 MB).
 SKIPPED_ASSETS = (".gif", ".otf")
 
@@ -62,7 +64,11 @@ def docs_prefix(dataset: DatasetVersion) -> str:
 
 def report_id(spec: DatasetSpec, dataset: DatasetVersion) -> str:
     """The ValidationReport id: same data, same suite, same code → same report (the stage is skipped)."""
-    return stable_hash(dataset.id, spec.section_hash(*SPEC_SECTIONS), code_version(sys.modules[__name__]))
+    return report_id_for(spec, dataset.id)
+
+
+def report_id_for(spec: DatasetSpec, version: str) -> str:
+    return stable_hash(version, spec.section_hash(*SPEC_SECTIONS), code_version(sys.modules[__name__]))
 
 
 def build_expectations(spec: DatasetSpec) -> list[Expectation]:
@@ -113,70 +119,6 @@ def build_suite(spec: DatasetSpec) -> ExpectationSuite:
     import great_expectations as gx
 
     return gx.ExpectationSuite(name=spec.name, expectations=build_expectations(spec))
-
-
-def _short(value: Any) -> str:
-    text = repr(value) if isinstance(value, str) else str(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _percent(value: float) -> str:
-    return f"{value:.2f}".rstrip("0").rstrip(".") + "%"
-
-
-def describe_failure(expectation: str, kwargs: dict[str, Any], result: dict[str, Any],
-                     exception: dict[str, Any] | None) -> str:
-    """A short human detail for one failed expectation: counts, a few values, or the observed value."""
-    if exception and exception.get("raised_exception"):
-        message = (exception.get("exception_message") or "error").strip().splitlines()[0]
-        return f"error: {message[:160]}"
-    if expectation == "expect_column_to_exist":
-        return "column not found"
-    if result.get("unexpected_count") is not None:
-        count = int(result["unexpected_count"])
-        share = _percent(result.get("unexpected_percent") or 0.0)
-        detail = f"{count} row{'s' if count != 1 else ''} unexpected ({share}"
-        mostly = kwargs.get("mostly")
-        if mostly is not None and mostly < 1:
-            detail += f", at most {_percent((1 - mostly) * 100)} allowed"
-        detail += ")"
-        examples = []
-        for v in result.get("partial_unexpected_list") or []:
-            if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
-                continue
-            if _short(v) not in examples:
-                examples.append(_short(v))
-            if len(examples) == EXAMPLES:
-                break
-        return detail + (f", e.g. {', '.join(examples)}" if examples else "")
-    observed = result.get("observed_value")
-    low, high = kwargs.get("min_value"), kwargs.get("max_value")
-    expected = ""
-    if low is not None or high is not None:
-        expected = f" (expected {'>= ' + _short(low) if low is not None else ''}"
-        expected += ", " if low is not None and high is not None else ""
-        expected += f"<= {_short(high)}" if high is not None else ""
-        expected += ")"
-    return f"observed {_short(observed)}{expected}" if observed is not None else "failed"
-
-
-def summarize(results: list[Any]) -> list[FailedExpectation]:
-    """FailedExpectations from GX ExpectationValidationResults, dropping echoes of a missing column.
-
-    A missing column fails `expect_column_to_exist` and makes every other check on it raise; only the
-    first is worth reporting.
-    """
-    failed: list[FailedExpectation] = []
-    missing = {r.expectation_config.kwargs.get("column") for r in results
-               if not r.success and r.expectation_config.type == "expect_column_to_exist"}
-    for r in results:
-        cfg = r.expectation_config
-        column = cfg.kwargs.get("column")
-        if r.success or (column in missing and cfg.type != "expect_column_to_exist"):
-            continue
-        detail = describe_failure(cfg.type, dict(cfg.kwargs), dict(r.result or {}), dict(r.exception_info or {}))
-        failed.append(FailedExpectation(expectation=cfg.type, column=column, detail=detail))
-    return failed
 
 
 # Expectations that read a column's dtype and null pattern only, never its values.
@@ -237,8 +179,10 @@ RESULT_FORMAT = {"result_format": "SUMMARY", "partial_unexpected_count": 20, "re
 
 
 def validate_frame(frame: pd.DataFrame, spec: DatasetSpec, run_name: str, docs_dir: str,
-                   speedups: Collection[str] = ALL_SPEEDUPS) -> tuple[bool, int, list[FailedExpectation]]:
-    """Run the spec's suite on a frame with an ephemeral GX context; Data Docs go to `docs_dir`.
+                   speedups: Collection[str] = ALL_SPEEDUPS,
+                   expectations: list[Expectation] | None = None) -> tuple[bool, int, list[FailedExpectation]]:
+    """Run the spec's suite (or `expectations`) on a frame with an ephemeral GX context; Data Docs go to
+    `docs_dir`, where several runs add their pages to one site.
 
     `speedups` names the fixes to apply: `shape_only` (`shape_only_view`) and those of
     `tasks.gx_speedups`. All by default; the validate benchmark turns them off to measure each.
@@ -262,7 +206,8 @@ def validate_frame(frame: pd.DataFrame, spec: DatasetSpec, run_name: str, docs_d
     context = gx.get_context(mode="ephemeral", project_config=config)
     batch = (context.data_sources.add_pandas(spec.name).add_dataframe_asset(run_name.replace("@", "-"))
              .add_batch_definition_whole_dataframe("all-rows"))
-    suite = context.suites.add(build_suite(spec))
+    suite = context.suites.add(gx.ExpectationSuite(name=spec.name, expectations=expectations)
+                               if expectations is not None else build_suite(spec))
     definition = context.validation_definitions.add(gx.ValidationDefinition(name=run_name, data=batch, suite=suite))
     checkpoint = context.checkpoints.add(gx.Checkpoint(
         name=f"{spec.name}-gate", validation_definitions=[definition],
@@ -295,48 +240,41 @@ def copy_docs(store: ObjectStore, docs_dir: str, prefix: str) -> str:
     return f"{prefix}/index.html"
 
 
-def read_frame(store: ObjectStore, dataset: DatasetVersion) -> pd.DataFrame:
-    """The version's parts as one DataFrame; integer columns stay integers (nullable) when they hold
-    nulls, so a report shows id `51`, not `51.0`."""
+def read_file_frame(store: ObjectStore, key: str) -> pd.DataFrame:
+    """One Parquet file as a DataFrame; integer columns stay integers (nullable) when they hold nulls,
+    so a report shows id `51`, not `51.0`."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pafs = store.pyarrow_filesystem()
-    table = pa.concat_tables([pq.read_table(store.path(k), filesystem=pafs) for k in dataset.parts])
+    table = pq.read_table(store.path(key), filesystem=store.pyarrow_filesystem())
     nullable = {pa.int8(): pd.Int8Dtype(), pa.int16(): pd.Int16Dtype(), pa.int32(): pd.Int32Dtype(),
                 pa.int64(): pd.Int64Dtype()}
     return table.to_pandas(types_mapper=nullable.get)
 
 
-def run_validation(store: ObjectStore, spec: DatasetSpec, dataset: DatasetVersion) -> ValidationReport:
-    """Validate one dataset version against the spec's suite (pure; no Prefect).
-
-    The whole version is read into one DataFrame: GX's pandas engine checks ~1M rows × 10
-    expectations in well under a second, so streaming is not worth its complexity at that size.
-    """
-    frame = read_frame(store, dataset)
-    with tempfile.TemporaryDirectory(prefix="gx-docs-") as docs_dir:
-        success, evaluated, failed = validate_frame(frame, spec, version_label(dataset), docs_dir)
-        docs_key = copy_docs(store, docs_dir, docs_prefix(dataset))
+def make_report(spec: DatasetSpec, dataset: str, version: str, success: bool, evaluated: int,
+                failed: list[FailedExpectation], docs_key: str | None) -> ValidationReport:
+    """The ValidationReport of one verdict (an audited landing or a table version)."""
     return ValidationReport(
-        id=report_id(spec, dataset),
-        dataset=dataset.dataset,
-        code_version=code_version(sys.modules[__name__]),
-        inputs={"dataset": dataset.id},
-        dataset_version=dataset.id,
-        success=success and not failed,
-        evaluated=evaluated,
-        failed=failed,
-        docs_key=docs_key,
+        id=report_id_for(spec, version), dataset=dataset, code_version=code_version(sys.modules[__name__]),
+        inputs={"dataset": version}, dataset_version=version, success=success and not failed, evaluated=evaluated,
+        failed=failed, docs_key=docs_key,
     )
 
 
-def failure_line(report: ValidationReport, limit: int = 6) -> str:
-    """The failed expectations as one line: `type(column) detail; …`."""
-    items = [f"{f.expectation}({f.column})" if f.column else f.expectation for f in report.failed]
-    parts = [f"{name} {f.detail}".strip() for name, f in zip(items, report.failed)]
-    more = len(parts) - limit
-    return "; ".join(parts[:limit]) + (f"; and {more} more" if more > 0 else "")
+def audit_key(dataset: DatasetVersion) -> str:
+    """Where ingest keeps the report its audit produced for a committed version (the validate stage
+    publishes it)."""
+    return f"validation/{dataset.dataset}/{dataset.id}/report.json"
+
+
+def stored_report(store: ObjectStore, spec: DatasetSpec, dataset: DatasetVersion) -> ValidationReport | None:
+    """The audit's report for this version and suite, when ingest made one."""
+    key = audit_key(dataset)
+    if not store.exists(key):
+        return None
+    report = ValidationReport.model_validate_json(store.read_bytes(key))
+    return report if report.id == report_id(spec, dataset) else None
 
 
 def require_passed(report: ValidationReport, dataset: DatasetVersion) -> None:
@@ -354,27 +292,3 @@ def require_passed(report: ValidationReport, dataset: DatasetVersion) -> None:
     if not report.success:
         names = ", ".join(f"{f.expectation}({f.column})" if f.column else f.expectation for f in report.failed)
         raise QuarantinedError(f"dataset {label} is quarantined: validation failed ({names or 'no details'})")
-
-
-def report_markdown(report: ValidationReport, store: ObjectStore) -> str:
-    """The Prefect artifact body: verdict, counts, failed expectations and where the Data Docs are."""
-    verdict = "passed" if report.success else "**failed: quarantined**"
-    lines = [
-        f"# Validation of {report.dataset}@{report.dataset_version}: {verdict}", "",
-        "| result | value |", "|---|---|",
-        f"| expectations evaluated | {report.evaluated} |",
-        f"| failed | {len(report.failed)} |",
-        f"| report | `{report.key}` |",
-        f"| Data Docs | `{store.uri(report.docs_key) if report.docs_key else 'none'}` |", "",
-    ]
-    if report.failed:
-        lines += ["## Failed expectations", "", "| expectation | column | detail |", "|---|---|---|"]
-        lines += [f"| {f.expectation} | {f.column or ''} | {f.detail.replace('|', '/')} |" for f in report.failed]
-    return "\n".join(lines)
-
-
-@task(name="validate-dataset", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error,
-      tags=["lifecycle", "validate"])
-def validate_task(store: ObjectStore, spec: DatasetSpec, dataset: DatasetVersion) -> ValidationReport:
-    """Prefect wrapper: a failing suite is a result (the quarantine record), not a task failure."""
-    return run_validation(store, spec, dataset)

@@ -54,8 +54,12 @@ def records(store, cls) -> list:
     return [parse_record(cls, store.read_bytes(k)) for k in store.list_keys(f"records/{cls.kind}")]
 
 
-def put_csv(store, key: str, rows: int, seed: int) -> str:
-    store.write_bytes(key, generate_tickets(rows, seed=seed).to_csv(index=False).encode())
+def put_csv(store, key: str, rows: int, seed: int, first_id: int = 1) -> str:
+    """Sample rows as a CSV object; ids from `first_id` (landings append: an id already in the table is
+    refused)."""
+    frame = generate_tickets(rows, seed=seed)
+    frame["ticket_id"] += first_id - 1
+    store.write_bytes(key, frame.to_csv(index=False).encode())
     return store.uri(key)
 
 
@@ -110,12 +114,13 @@ def test_deploy_all_from_a_clean_copy_gives_typed_deployments_triggers_and_a_nig
 def test_a_run_started_through_the_api_with_parameters_is_completed_by_the_worker(stack):
     from prefect.deployments import run_deployment
 
-    uri = put_csv(stack.targets.store, "raw/tickets-api.csv", rows=200, seed=3)
+    uri = put_csv(stack.targets.store, "raw/tickets-api.csv", rows=200, seed=3, first_id=100_001)
     run = run_deployment("stage-ingest/ingest", parameters={"dataset": "tickets", "source": uri}, timeout=240,
                          poll_interval=1)
     assert run.state_type.value == "COMPLETED", f"{run.state.message}\n{runs_report()}"
     [version] = versions_from(stack.targets.store, uri)  # no profile given: the server's default (e2e) was used
-    assert version.rows == 200 and stack.targets.store.exists(f"{version.path}/manifest.json")
+    assert version.rows == 200 and version.added_rows == 200  # one commit of the dataset's Delta table
+    assert stack.targets.store.exists(f"datasets/tickets/_delta_log/{version.table_version:020d}.json")
 
 
 SPEC = {**SAMPLE_SPEC, "source": "s3://x/y.csv"}
@@ -249,7 +254,7 @@ def test_the_same_object_announced_again_and_again_is_ingested_once(stack, tmp_p
         assert result.exit_code == 0 and "landed " + chain_uri in result.output, result.output
     # A new object: notified, plus two redeliveries straight to the landed deployment (as after a restart,
     # when the server no longer remembers the event id), racing each other.
-    uri = put_csv(store, "landing/tickets/batch-002.csv", rows=60, seed=5)  # under min_rows: quarantined
+    uri = put_csv(store, "landing/tickets/batch-002.csv", rows=60, seed=5)  # ids already in the table
     event = notification(store, "landing/tickets/batch-002.csv")
     (tmp_path / "new.json").write_text(json.dumps(event))
     assert runner.invoke(app, ["notify", str(tmp_path / "new.json")]).exit_code == 0
@@ -269,9 +274,9 @@ def test_the_same_object_announced_again_and_again_is_ingested_once(stack, tmp_p
     [new] = [r for r in ingests if r.parameters["uri"] == uri]
     assert new.state_type.value == "FAILED" and "failed validation" in new.state.message  # quarantined, once
     assert all(r.state_type.value == "COMPLETED" for r in started_runs("landed/landed")[landed_before:])
-    [version] = versions_from(store, uri)
-    [report] = [r for r in records(store, ValidationReport) if r.dataset_version == version.id]
-    assert not report.success
+    assert versions_from(store, uri) == []  # write–audit–publish: it never became a version of the table
+    [report] = [r for r in records(store, ValidationReport) if not r.success]
+    assert store.exists(f"quarantine/tickets/{report.dataset_version}/report.json")
     assert len(started_runs("build/build")) == 1  # a quarantined version starts nothing
 
 
@@ -327,3 +332,54 @@ def test_work_on_one_dataset_never_overlaps_but_other_datasets_do_not_wait(stack
     assert s2 >= e1, "two holders of one dataset's lock overlapped"
     [(sb, eb)] = spans["b"]
     assert s1 < sb and eb < e1, "another dataset waited for this one"
+
+
+def _flow_name(run) -> str:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow(run.flow_id).name
+
+
+def _running_subflow(parent_id, name: str):
+    """A running stage flow (`train`, …) under the flow run `parent_id`, or None."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId, FlowRunFilterStateType
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_id]),
+            state=dict(type=FlowRunFilterStateType(any_=["RUNNING"]))))
+    return next((r for r in runs if _flow_name(r) == name), None)
+
+
+def test_a_run_cancelled_through_the_api_during_train_ends_cancelled_and_leaves_nothing_running(stack):
+    """What the UI's Cancel does: the run's state is set to Cancelling; the worker stops the run's process."""
+    import psutil
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.states import Cancelling
+
+    from cli.server import read_state
+
+    uri = put_csv(stack.targets.store, "raw/cancelled.csv", rows=2000, seed=21)
+    spec = {k: v for k, v in SAMPLE_SPEC.items() if k != "text_column"}
+    spec.update(name="cancelled", source=uri, train={"num_boost_round": 100_000, "early_stopping_rounds": None})
+    run = run_deployment("lifecycle/nightly", parameters={"spec": spec}, timeout=0)
+    wait_until(lambda: _running_subflow(run.id, "train"), 300, "the run to reach train", interval_s=2,
+               explain=runs_report)
+    time.sleep(3)  # well inside the stage: the Dask workers are boosting
+    [worker] = [p for p in read_state(stack.home).processes if p.name == "prefect-worker"]
+    children = psutil.Process(worker.pid).children(recursive=True)
+    assert len(children) >= 2, children  # the run's process and its Dask workers
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(run.id, Cancelling(message="cancelled by the test"), force=True)
+    t0 = time.monotonic()
+    final = wait_until(lambda: (r := _read(run.id)).state_type.value == "CANCELLED" and r, 30,
+                       "the run to end Cancelled", explain=runs_report)
+    print(f"cancel → Cancelled: {time.monotonic() - t0:.1f}s")
+    left = wait_until(lambda: not [c for c in children if c.is_running()] or None, 10,
+                      "the run's processes to end", explain=lambda: str([c for c in children if c.is_running()]))
+    assert left and final.state_type.value == "CANCELLED"
+    assert psutil.Process(worker.pid).is_running()  # the worker itself goes on taking runs
+    assert not [m for m in records(stack.targets.store, TrainedModel) if m.dataset == "cancelled"]

@@ -57,9 +57,10 @@ def _churn_files(tmp_path, rows: int = 400, one_class: bool = False):
     return frame, path
 
 
-def _manifests(home, name):
-    lake = home / "lake" / "datasets" / name
-    return sorted(lake.glob("*/manifest.json")) if lake.exists() else []
+def _table_versions(home, name):
+    """The commits of the dataset's Delta table (one JSON file per version in its log)."""
+    log = home / "lake" / "datasets" / name / "_delta_log"
+    return sorted(log.glob("*.json")) if log.exists() else []
 
 
 def test_run_on_a_users_csv_then_rerun_is_cached(home, tmp_path):
@@ -85,7 +86,7 @@ def test_run_on_a_users_csv_then_rerun_is_cached(home, tmp_path):
     second = runner.invoke(app, ["run", "--spec", str(spec)])
     assert second.exit_code == 0, second.output
     assert second.output.count("cached") >= 6
-    assert len(_manifests(home, "churn")) == 1
+    assert len(_table_versions(home, "churn")) == 1
 
 
 @pytest.mark.parametrize("problem", ["missing_column", "unreadable", "empty", "one_class"])
@@ -107,5 +108,5 @@ def test_bad_input_one_line_error_no_new_versions(home, tmp_path, problem):
     expected = {"missing_column": "lifetime_value", "unreadable": "does-not-exist.csv", "empty": "empty",
                 "one_class": "one class"}[problem]
     assert expected in error_lines[0]
-    assert _manifests(home, "churn") == []
+    assert _table_versions(home, "churn") == []
     assert not (home / "lake" / "records" / "model_version").exists()

@@ -81,7 +81,8 @@ def test_whole_lifecycle_on_s3_matches_the_file_lake(tmp_path, s3_lake, lake, sa
         prefix = s3_lake.path("").split("/", 1)[1]
         keys = _bucket_keys(s3_lake.endpoint_url, BUCKET, prefix)
         names = {k[len(prefix) + 1:] for k in keys}
-        assert f"datasets/tickets/{result.dataset.id}/manifest.json" in names
+        assert "datasets/tickets/_delta_log/00000000000000000000.json" in names  # a Delta table on S3
+        assert set(result.dataset.parts) <= names and result.dataset.table_version == 0
         assert result.validation.docs_key in names
         assert set(result.embeddings.parts) <= names  # written by the workers
         assert any(k.startswith("lancedb/") for k in names)  # LanceDB on S3 too
@@ -99,8 +100,8 @@ def test_whole_lifecycle_on_s3_matches_the_file_lake(tmp_path, s3_lake, lake, sa
 
 def test_validation_failure_on_s3_is_named_documented_and_stops_the_lifecycle(tmp_path, s3_lake, sample_files,
                                                                               local_compute):
-    """Later stages never see a quarantined version: the lifecycle stops at validate, and index only
-    ever receives an EmbeddingSet, which embed makes for a passing report alone."""
+    """Later stages never see a quarantined landing: the audit inside ingest refuses it before the commit,
+    the lifecycle stops there, and the report and Data Docs land in the quarantine on S3."""
     from flows.lifecycle import lifecycle_with_targets
 
     bad_tickets().to_csv(sample_files[0], index=False)
@@ -127,6 +128,8 @@ def test_validation_failure_on_s3_is_named_documented_and_stops_the_lifecycle(tm
     assert "<html" in s3_lake.read_bytes(report.docs_key).decode().lower()
     assert not [k for k in names if k.startswith(("embeddings/", "lancedb/", "records/embedding_set",
                                                   "records/trained_model", "records/model_version"))]
+    assert report.docs_key.startswith(f"quarantine/tickets/{report.dataset_version}/")  # refused before the commit
+    assert not [k for k in names if k.startswith("datasets/")]  # nothing entered a table
 
 
 def test_endpoint_stopped_mid_ingest_fails_after_retries_then_rerun_gives_the_same_version(
@@ -153,7 +156,7 @@ def test_endpoint_stopped_mid_ingest_fails_after_retries_then_rerun_gives_the_sa
 
         def close(self):
             super().close()
-            if seen["stop"] and self.key.endswith("part-00000.parquet") and stoppable_s3.running:
+            if seen["stop"] and self.key.endswith("-00000.parquet") and stoppable_s3.running:
                 stoppable_s3.stop()
 
     def counted(*args, **kwargs):
@@ -174,12 +177,47 @@ def test_endpoint_stopped_mid_ingest_fails_after_retries_then_rerun_gives_the_sa
 
     stoppable_s3.start()
     left = _bucket_keys(stoppable_s3.endpoint, bucket, "lake/")
-    assert [k for k in left if "/_staging/" in k and k.endswith("part-00000.parquet")], "stopped mid-ingest"
-    assert not [k for k in left if k.endswith("manifest.json")]
+    assert [k for k in left if k.endswith("-00000.parquet")], "stopped mid-ingest"
+    assert not [k for k in left if "/_delta_log/" in k]  # nothing committed: no table at all
 
     seen["stop"] = False
     again = ingest(spec, store)
-    assert again.id == uninterrupted.id and again.rows == 5000
+    assert again.id == uninterrupted.id and again.rows == 5000 and again.table_version == 0
     assert len(again.parts) == 5
-    assert sorted(_bucket_keys(stoppable_s3.endpoint, bucket, "lake/datasets/")) == sorted(
-        [f"lake/{k}" for k in again.parts] + [f"lake/datasets/tickets/{again.id}/manifest.json"])
+    data = [k for k in _bucket_keys(stoppable_s3.endpoint, bucket, "lake/datasets/") if "/_delta_log/" not in k]
+    assert set(data) >= {f"lake/{k}" for k in again.parts}  # orphans of the failed tries are never referenced
+
+
+def test_endpoint_stopped_between_writing_and_committing_changes_nothing_then_the_retry_commits_once(
+        stoppable_s3, sample_spec, tmp_path, monkeypatch):
+    bucket = f"commit-{uuid.uuid4().hex[:8]}"
+    stoppable_s3.create_bucket(bucket)
+    store = ObjectStore(url=f"s3://{bucket}/lake", endpoint_url=stoppable_s3.endpoint, region="us-east-1",
+                        access_key_id=S3_KEY, secret_access_key=S3_SECRET, max_attempts=1, connect_timeout=1)
+    source = tmp_path / "tickets.csv"
+    generate_tickets(1000).to_csv(source, index=False)
+    spec = sample_spec.model_copy(update={"source": str(source)})
+    generate_tickets(1500).iloc[1000:].to_csv(tmp_path / "v0.csv", index=False)
+    first = ingest_dataset(store, spec.model_copy(update={"source": str(tmp_path / "v0.csv")}))
+
+    commit = tasks.ingest.commit_files
+
+    def stop_then_commit(*args, **kwargs):
+        if stoppable_s3.running:
+            stoppable_s3.stop()  # the files are written and audited; the commit finds no endpoint
+        return commit(*args, **kwargs)
+
+    monkeypatch.setattr(tasks.ingest, "commit_files", stop_then_commit)
+    with pytest.raises(StoreUnavailableError) as failure:
+        ingest_dataset(store, spec)
+    assert "\n" not in str(failure.value) and "cannot reach the object store" in str(failure.value)
+
+    stoppable_s3.start()
+    from tasks.lake import table_state
+
+    assert table_state(store, "tickets").version == first.table_version  # nothing visible changed
+    monkeypatch.setattr(tasks.ingest, "commit_files", commit)
+    again = ingest_dataset(store, spec)
+    assert again.table_version == first.table_version + 1 and again.rows == 1500
+    assert ingest_dataset(store, spec).table_version == again.table_version  # exactly once
+    assert len(table_state(store, "tickets").commits) == 2

@@ -149,7 +149,8 @@ def test_mlflow_down_at_register_retries_then_fails_in_one_line_and_keeps_the_ch
                        "(Connection refused); nothing was promoted")
     assert _attempts(state, "register-model-version") == 4 and waited >= 2 + 5 + 10  # 3 retries, their delays
     # Nothing half-done: no record, no audit, no registry version; the champion is the one from before.
-    record_id = model_version_id(challenger, "down-tickets", spec.train.promotion_margin, register_code_version())
+    record_id = model_version_id(challenger, "down-tickets", spec.train.promotion_margin, register_code_version(),
+                                 (spec.train.require_beats_baseline, spec.train.baseline_margin))
     assert find_record(store, ModelVersion, record_id) is None
     assert [a.version for a in audits(store, "down-tickets")] == ["1"]
     client = target.client()

@@ -74,7 +74,10 @@ def _aliases(world) -> dict[str, str]:
 def test_first_model_becomes_champion(scenario):
     _, trained, first = scenario["steps"]["weak"]
     assert first.version == "1" and first.promoted and first.aliases == ["challenger", "champion"]
-    assert first.decision == "promoted: no champion yet (logloss=%.4f)" % trained.metrics["logloss"]
+    assert first.decision.startswith("promoted: no champion yet (logloss=%.4f); " % trained.metrics["logloss"])
+    # The gate is off in this scenario (the default), but the decision says where the model stands.
+    assert first.decision.endswith("(not required)") and first.baseline_value is not None
+    assert first.baseline_value == trained.baseline_metrics["logloss"]
     assert first.champion_version is None and first.champion_value is None
 
 
@@ -290,3 +293,110 @@ def test_forced_promotion_says_so_and_unknown_versions_fail_in_one_line(scenario
     assert _aliases(world)["champion"] == "3"
     with pytest.raises(LifecycleError, match="model tickets has no version '9'"):
         promote_version(spec, world["store"], world["mlflow"], "9")
+
+
+# --- the baseline gate: a model must beat the plain baseline of its own run to become champion -------
+
+def _own_dataset(world, name: str, frame, **spec):
+    """A dataset of its own (its own registered model) ingested into the world's lake."""
+    from lifecycle.spec import parse_spec
+    from tasks.ingest import ingest_dataset
+    from tasks.records import save_record
+
+    csv = world["tmp"] / f"{name}.csv"
+    frame.to_csv(csv, index=False)
+    parsed = parse_spec({"name": name, "source": str(csv), "id_column": "id", "label_column": "label", **spec})
+    dataset = ingest_dataset(world["store"], parsed)
+    save_record(world["store"], dataset)
+    report = world["report"].model_copy(update={"dataset": name, "dataset_version": dataset.id})
+    return parsed, dataset, report
+
+
+def _noise_embeddings(world, dataset, frame, dim: int = 384):
+    """An embedding set whose vectors carry nothing (a poor encoder): the text signal reaches only TF-IDF.
+    384-d, as MiniLM's: the logged pyfunc embeds its input example with the real encoder."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lifecycle.records import EmbeddingSet
+
+    vectors = np.random.default_rng(5).normal(size=(len(frame), dim)).astype(np.float32)
+    key = f"embeddings/{dataset.dataset}/noise/part-00000.parquet"
+    world["store"].write_bytes(key, b"")
+    pq.write_table(pa.table({"id": frame["id"].to_numpy(),
+                             "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), dim)}),
+                   world["store"].path(key))
+    return EmbeddingSet(id=f"noise-{dataset.id}", dataset=dataset.dataset, dataset_version=dataset.id, model="noise",
+                        dim=dim, rows=len(frame), parts=[key], encoded_rows=len(frame))
+
+
+def test_text_driven_labels_baseline_wins_model_registered_not_promoted(world, local_compute):
+    import numpy as np
+    import pandas as pd
+
+    from cli.app import _detail
+    from cli.models import registered_fact
+    from flows.register import register
+    from flows.train import train
+
+    rng = np.random.default_rng(11)
+    vocab = {"refund": ["invoice", "refund", "charge"], "crash": ["error", "crash", "timeout"],
+             "login": ["password", "login", "locked"]}
+    labels = rng.choice(list(vocab), size=600)
+    frame = pd.DataFrame({"id": np.arange(600), "label": labels,
+                          "text": [" ".join(rng.choice(vocab[v], size=2)) + " please help" for v in labels],
+                          "x1": rng.normal(size=600), "x2": rng.normal(size=600)})
+    spec, dataset, report = _own_dataset(world, "textdriven", frame, task="multiclass", text_column="text",
+                                         numeric_features=["x1", "x2"],
+                                         train={"use_text_embeddings": True, "require_beats_baseline": True,
+                                                "num_boost_round": 30})
+    trained = train(spec, dataset, report, world["store"], local_compute, world["mlflow"],
+                    _noise_embeddings(world, dataset, frame))
+    assert trained.baseline_metrics["accuracy"] > 0.95 > trained.metrics["accuracy"] + 0.2
+    assert "tfidf(text)" in trained.baseline
+    record = register(spec, trained, world["store"], world["mlflow"])
+    assert record.version == "1" and not record.promoted and record.aliases == ["challenger"]
+    assert record.beats_baseline is False and record.baseline_value == trained.baseline_metrics["accuracy"]
+    verdict = (f"does not beat baseline (accuracy {trained.metrics['accuracy']:.4f} vs "
+               f"{trained.baseline_metrics['accuracy']:.4f})")
+    assert record.baseline_verdict == verdict
+    assert record.decision.startswith(f"not promoted: {verdict}; champion check: no champion yet")
+    client = world["mlflow"].client()
+    assert dict(client.get_registered_model("textdriven").aliases) == {"challenger": "1"}
+    tags = client.get_model_version("textdriven", "1").tags
+    assert tags["lifecycle.promoted"] == "false" and tags["lifecycle.baseline_verdict"] == verdict
+    # What the summary table and `lifecycle status` show.
+    assert registered_fact(record) == f"textdriven v1 · challenger (not promoted) · {verdict}"
+    assert _detail(record) == registered_fact(record)
+    assert f"baseline {trained.baseline_metrics['accuracy']:.4f}" in _detail(trained)
+    run = client.get_run(trained.run_id).data
+    assert run.metrics["baseline_accuracy"] == trained.baseline_metrics["accuracy"]
+    plots = {f.path for f in client.list_artifacts(trained.run_id, "plots")}
+    assert {"plots/confusion_matrix.png", "plots/baseline_confusion_matrix.png"} <= plots
+
+
+def test_numeric_interactions_model_wins_and_is_promoted(world, local_compute):
+    import numpy as np
+    import pandas as pd
+
+    from cli.models import registered_fact
+    from flows.register import register
+    from flows.train import train
+
+    rng = np.random.default_rng(12)
+    x1, x2 = rng.normal(size=800), rng.normal(size=800)
+    frame = pd.DataFrame({"id": np.arange(800), "x1": x1, "x2": x2, "x3": rng.normal(size=800),
+                          "label": np.where(x1 * x2 > 0, "same", "opposite")})  # XOR: no linear model sees it
+    spec, dataset, report = _own_dataset(world, "interactions", frame, task="binary",
+                                         numeric_features=["x1", "x2", "x3"],
+                                         train={"require_beats_baseline": True, "baseline_margin": 0.1})
+    trained = train(spec, dataset, report, world["store"], local_compute, world["mlflow"])
+    assert trained.metrics["accuracy"] > 0.85 and trained.baseline_metrics["accuracy"] < 0.65
+    record = register(spec, trained, world["store"], world["mlflow"])
+    assert record.promoted and record.aliases == ["challenger", "champion"] and record.beats_baseline
+    gain = trained.metrics["accuracy"] - trained.baseline_metrics["accuracy"]
+    assert record.baseline_verdict.startswith(f"beats baseline by {gain:.4f}")
+    assert record.decision.startswith("promoted: no champion yet") and record.decision.endswith(record.baseline_verdict)
+    assert registered_fact(record).startswith("interactions v1 · champion · beats baseline by ")
+

@@ -51,6 +51,14 @@ def test_local_cluster_is_multi_process_and_shared(local_compute):
     assert len(workers) == 2 and len(pids) == 2
 
 
+def test_training_layout_is_not_part_of_the_cluster():
+    """Forcing a layout trains differently on the same workers: no second cluster is started for it."""
+    auto = DaskCompute(mode="local", n_workers=2, threads_per_worker=1)
+    forced = auto.model_copy(update={"train_layout": "distributed"})
+    assert auto.train_layout == "auto" and auto._cache_key() == forced._cache_key()
+    assert auto._cache_key() != auto.model_copy(update={"threads_per_worker": 2})._cache_key()
+
+
 def test_address_mode_needs_an_address():
     with pytest.raises(LifecycleError, match="needs address"):
         with DaskCompute(mode="address").get_client():

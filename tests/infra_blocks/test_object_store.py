@@ -244,3 +244,37 @@ def test_object_store_options_open_a_lancedb_table_on_the_store(s3_lake):
     db.create_table("rows", pa.table({"x": [1, 2, 3]}))
     assert db.open_table("rows").to_arrow().column("x").to_pylist() == [1, 2, 3]
     assert any(k.startswith("lancedb/rows.lance/") for k in s3_lake.list_keys("lancedb"))
+
+
+def test_delta_storage_options_carry_every_credential_the_endpoint_and_commit_safety(s3_lake):
+    from prefect_aws import AwsCredentials
+
+    assert s3_lake.delta_storage_options() == {
+        "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET, "AWS_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": s3_lake.endpoint_url, "AWS_ALLOW_HTTP": "true", "conditional_put": "etag"}
+    creds = AwsCredentials(aws_access_key_id=S3_KEY, aws_secret_access_key=S3_SECRET, aws_session_token="tok-3",
+                           region_name="eu-west-1")
+    via_block = s3_lake.model_copy(update={"access_key_id": None, "secret_access_key": None, "region": None,
+                                           "aws_credentials": creds, "endpoint_url": "https://s3.example.com"})
+    options = via_block.delta_storage_options()
+    assert (options["AWS_SESSION_TOKEN"], options["AWS_REGION"]) == ("tok-3", "eu-west-1")
+    assert "AWS_ALLOW_HTTP" not in options  # https endpoint
+    locked = s3_lake.model_copy(update={"delta_commit_safety": "dynamodb", "delta_lock_table": "delta-locks"})
+    assert {k: v for k, v in locked.delta_storage_options().items() if "DYNAMO" in k or "LOCK" in k} == {
+        "AWS_S3_LOCKING_PROVIDER": "dynamodb", "DELTA_DYNAMO_TABLE_NAME": "delta-locks"}
+    assert "conditional_put" not in locked.delta_storage_options()
+    assert ObjectStore(url="file:///tmp/lake").delta_storage_options() == {}
+
+
+def test_delta_storage_options_open_a_delta_table_on_the_store(s3_lake):
+    """delta-rs writes, commits and time-travels on the real endpoint (moto in its own process)."""
+    from deltalake import DeltaTable, write_deltalake
+
+    uri, options = s3_lake.uri("delta/t"), s3_lake.delta_storage_options()
+    write_deltalake(uri, pa.table({"x": [1, 2]}), storage_options=options)
+    write_deltalake(uri, pa.table({"x": [3]}), mode="append", storage_options=options)
+    table = DeltaTable(uri, storage_options=options)
+    assert table.version() == 1 and len(table.history()) == 2
+    assert sorted(DeltaTable(uri, version=0, storage_options=options).to_pyarrow_dataset().to_table()
+                  .column("x").to_pylist()) == [1, 2]
+    assert any(k.startswith("delta/t/_delta_log/") for k in s3_lake.list_keys("delta"))

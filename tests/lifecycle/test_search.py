@@ -86,7 +86,8 @@ def test_old_version_stays_queryable_by_tag(indexed, local_compute, tmp_path):
     extra = generate_tickets(50, seed=99).assign(ticket_id=np.arange(601, 651), text="refund refund refund")
     path = tmp_path / "more.csv"
     pd.concat([frame, extra[frame.columns]], ignore_index=True).to_csv(path, index=False)
-    spec2 = spec.model_copy(update={"source": str(path)})
+    replace = spec.ingest.model_copy(update={"mode": "replace"})  # the file is a whole new snapshot
+    spec2 = spec.model_copy(update={"source": str(path), "ingest": replace})
     dataset2 = ingest_dataset(store, spec2)
     save_record(store, dataset2)
     second = build_index(store, spec2, embed_dataset(store, spec2, dataset2, local_compute, previous=embeddings),

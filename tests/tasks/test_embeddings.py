@@ -16,7 +16,7 @@ from infra_blocks import ObjectStore
 from lifecycle.encoder import EMBED_DIM, encode, encoded_counts, prepare_texts, relax_malloc_trim
 from lifecycle.errors import LifecycleError
 from lifecycle.sample import generate_tickets, write_sample
-from lifecycle.spec import load_spec
+from lifecycle.spec import IngestConfig, load_spec
 from tasks.embeddings import (
     EncodeOptions,
     embed_dataset,
@@ -76,6 +76,9 @@ def test_read_slice_reads_the_row_range_across_row_groups(lake):
     assert read_slice(lake, "x/part.parquet", ["id"], 990, 1000).num_rows == 10
 
 
+REPLACE = IngestConfig(mode="replace")
+
+
 @pytest.fixture(scope="module")
 def first(tmp_path_factory, local_compute):
     """The 600-row sample embedded once on the cluster, in units of 250 rows."""
@@ -124,7 +127,7 @@ def test_second_version_encodes_only_new_rows(first, local_compute, tmp_path):
     extra = generate_tickets(50, seed=99).assign(ticket_id=np.arange(601, 651))
     path = tmp_path / "more.csv"
     pd.concat([frame, extra[frame.columns]], ignore_index=True).to_csv(path, index=False)
-    spec2 = spec.model_copy(update={"source": str(path)})
+    spec2 = spec.model_copy(update={"source": str(path), "ingest": REPLACE})  # a new snapshot of the table
     dataset2 = ingest_dataset(store, spec2)
     assert dataset2.id != dataset.id and dataset2.rows == 650
     before = _worker_texts_encoded(local_compute)
@@ -147,7 +150,7 @@ def test_changed_null_empty_and_long_texts_are_re_encoded(first, local_compute, 
     frame.loc[300, "text"] = long
     path = tmp_path / "edited.parquet"
     frame.to_parquet(path)
-    spec3 = spec.model_copy(update={"source": str(path)})
+    spec3 = spec.model_copy(update={"source": str(path), "ingest": REPLACE})  # a new snapshot of the table
     dataset3 = ingest_dataset(store, spec3)
     units = plan_units(store, spec3, dataset3, "edited", previous=record)
     assert [(u.start, u.stop, len(u.reuse_pos)) for u in units] == [(0, 250, 250), (250, 500, 250), (500, 600, 100)]
@@ -172,7 +175,8 @@ def test_numbers_in_the_text_column_are_embedded_as_their_text(first, local_comp
     frame.loc[3, "text"] = pd.NA
     path = tmp_path / "numbers.parquet"
     frame.astype({"text": "Int64"}).to_parquet(path)
-    spec4 = spec.model_copy(update={"source": str(path)})
+    few = spec.expectations.model_copy(update={"min_rows": 1})  # ingest audits: 40 rows must be allowed
+    spec4 = spec.model_copy(update={"source": str(path), "ingest": REPLACE, "expectations": few})
     dataset4 = ingest_dataset(store, spec4)
     record = embed_dataset(store, spec4, dataset4, local_compute)
     assert (record.rows, record.encoded_rows) == (40, 40)

@@ -1,4 +1,5 @@
-"""Ingest: versioning by content, formats, and one-line errors that leave nothing visible."""
+"""Ingest: versioning by content, formats, and one-line errors that leave nothing visible (the Delta
+table side: tests/tasks/test_lake.py)."""
 
 from __future__ import annotations
 
@@ -15,11 +16,14 @@ import tasks.ingest
 import tasks.sources
 from lifecycle.errors import LifecycleError
 from lifecycle.sample import generate_tickets
-from tasks.ingest import ingest_dataset, read_dataset
+from tasks.ingest import LandingQuarantined, ingest_dataset, read_dataset
+from tasks.lake import table_state
 
 
-def _versions(lake, name="tickets") -> list[str]:
-    return [k for k in lake.list_keys(f"datasets/{name}") if k.endswith("manifest.json")]
+def _versions(lake, name="tickets") -> list[int]:
+    """The table's committed versions (none without a table)."""
+    state = table_state(lake, name)
+    return [c.version for c in state.commits] if state else []
 
 
 def test_same_content_same_version_any_format(lake, sample_spec, sample_files, tmp_path):
@@ -32,7 +36,7 @@ def test_same_content_same_version_any_format(lake, sample_spec, sample_files, t
     as_jsonl = ingest_dataset(lake, sample_spec.model_copy(update={"source": str(tmp_path / "t.jsonl")}))
     assert first.id == again.id == as_parquet.id == as_jsonl.id
     assert first.rows == 600
-    assert _versions(lake) == [f"datasets/tickets/{first.id}/manifest.json"]
+    assert _versions(lake) == [0] and first.table_version == again.table_version == 0
     back = read_dataset(lake, first)
     assert list(back.columns) == sample_spec.required_columns
     assert back["ticket_id"].tolist() == frame["ticket_id"].tolist()
@@ -42,9 +46,10 @@ def test_changed_content_new_version(lake, sample_spec, tmp_path):
     first = ingest_dataset(lake, sample_spec)
     path = tmp_path / "more.csv"
     generate_tickets(601).to_csv(path, index=False)
-    second = ingest_dataset(lake, sample_spec.model_copy(update={"source": str(path)}))
-    assert second.id != first.id
-    assert len(_versions(lake)) == 2
+    replace = sample_spec.ingest.model_copy(update={"mode": "replace"})  # append would refuse the repeated ids
+    second = ingest_dataset(lake, sample_spec.model_copy(update={"source": str(path), "ingest": replace}))
+    assert second.id != first.id and second.rows == 601
+    assert _versions(lake) == [0, 1]
 
 
 def test_folder_and_gzip_sources(lake, sample_spec, sample_files, tmp_path):
@@ -56,7 +61,7 @@ def test_folder_and_gzip_sources(lake, sample_spec, sample_files, tmp_path):
         frame.iloc[300:].to_csv(f, index=False)
     whole = ingest_dataset(lake, sample_spec)
     parts = ingest_dataset(lake, sample_spec.model_copy(update={"source": str(folder)}))
-    assert parts.id == whole.id
+    assert parts.id == whole.id and _versions(lake) == [0]  # the same rows: no second commit
 
 
 def test_version_does_not_depend_on_batches_or_parts(lake, sample_spec, monkeypatch):
@@ -92,7 +97,6 @@ ROW = b"1,refund please,email,pro,10,1,2.5,0.1,billing\n2,crash again,chat,free,
          "missing column(s) plan"),
         ("latin1.csv", GOOD_HEADER + ROW + "3,caf\xe9,chat,free,1,1,1,0.1,billing\n".encode("latin-1"), "invalid UTF8"),
         ("truncated.csv.gz", gzip.compress(GOOD_HEADER + ROW * 2000)[:300], "truncated"),
-        ("oneclass.csv", GOOD_HEADER + ROW.replace(b"technical", b"billing"), "has one class (billing)"),
     ],
 )
 def test_bad_input_one_line_error_nothing_visible(lake, sample_spec, tmp_path, name, data, expected):
@@ -105,7 +109,15 @@ def test_bad_input_one_line_error_nothing_visible(lake, sample_spec, tmp_path, n
     assert name in message
     assert "\n" not in message
     assert _versions(lake) == []
-    assert not [k for k in lake.list_keys("datasets") if "_staging" in k]
+    assert lake.list_keys("datasets") == []
+
+
+def test_one_class_is_refused_by_the_audit(lake, sample_spec, tmp_path):
+    source = _bad(tmp_path, "oneclass.csv", GOOD_HEADER + (ROW.replace(b"technical", b"billing")) * 60)
+    with pytest.raises(LandingQuarantined) as err:
+        ingest_dataset(lake, sample_spec.model_copy(update={"source": source}))
+    assert "expect_column_unique_value_count_to_be_between(category) observed 1 (expected >= 2)" in str(err.value)
+    assert _versions(lake) == [] and [k for k in lake.list_keys("datasets") if not k.endswith("/")] == []
 
 
 S3_BAD = {
@@ -134,7 +146,7 @@ def test_s3_source_with_dotdot_is_refused(s3_lake, sample_spec, sample_files):
     escaping = s3_lake.uri("landing") + "/../landing/tickets.csv"
     with pytest.raises(LifecycleError, match=r"may not contain '\.\.'"):
         ingest_dataset(s3_lake, sample_spec.model_copy(update={"source": escaping}))
-    assert len(_versions(s3_lake)) == 1
+    assert _versions(s3_lake) == [0]
 
 
 def test_missing_file_and_dotdot(lake, sample_spec, tmp_path):
@@ -142,15 +154,6 @@ def test_missing_file_and_dotdot(lake, sample_spec, tmp_path):
         ingest_dataset(lake, sample_spec.model_copy(update={"source": str(tmp_path / "nope.csv")}))
     with pytest.raises(LifecycleError, match=r"may not contain '\.\.'"):
         ingest_dataset(lake, sample_spec.model_copy(update={"source": f"{tmp_path}/../x.csv"}))
-
-
-def test_leftovers_of_a_failed_run_are_removed(lake, sample_spec):
-    lake.write_bytes("datasets/tickets/deadbeef/part-00000.parquet", b"partial")
-    lake.write_bytes("datasets/tickets/_staging/abc/part-00000.parquet", b"partial")
-    version = ingest_dataset(lake, sample_spec)
-    assert lake.list_keys("datasets/tickets") == sorted(
-        [f"datasets/tickets/{version.id}/manifest.json", f"datasets/tickets/{version.id}/part-00000.parquet"]
-    )
 
 
 PEAK = """

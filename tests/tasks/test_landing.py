@@ -147,3 +147,16 @@ def test_dedupe_key_and_event_id_follow_object_and_content():
     assert event["event"] == LANDED_EVENT and event["id"] == a1.event_id
     assert event["resource"]["prefect.resource.id"] == a1.uri
     assert event["resource"]["lifecycle.etag"] == "e1" and event["resource"]["lifecycle.dataset"] == "tickets"
+
+
+def test_object_etag_names_a_landing_object_and_nothing_else(lake, tmp_path):
+    from tasks.landing import object_etag
+
+    lake.write_bytes("landing/tickets/a.csv", b"id\n1\n")
+    etag = object_etag(lake, lake.uri("landing/tickets/a.csv"))
+    assert etag and etag == object_etag(lake, lake.uri("landing/tickets/a.csv"))
+    lake.write_bytes("landing/tickets/a.csv", b"id\n1\n2\n")  # rewritten: a new object
+    assert object_etag(lake, lake.uri("landing/tickets/a.csv")) != etag
+    assert object_etag(lake, lake.uri("landing/tickets/none.csv")) is None
+    assert object_etag(lake, lake.uri("landing/tickets/*.csv")) is None  # a glob is not one object
+    assert object_etag(lake, lake.uri("elsewhere/a.csv")) is None and object_etag(lake, str(tmp_path)) is None

@@ -62,14 +62,71 @@ def _trained(**changes) -> TrainedModel:
 
 
 def test_record_id_changes_with_model_rule_and_code():
-    base = registry.model_version_id(_trained(), "tickets", 0.0, "c1")
-    assert base == registry.model_version_id(_trained(), "tickets", 0.0, "c1")
-    others = {registry.model_version_id(_trained(id="t2"), "tickets", 0.0, "c1"),
-              registry.model_version_id(_trained(), "prod-tickets", 0.0, "c1"),
-              registry.model_version_id(_trained(), "tickets", 0.01, "c1"),
-              registry.model_version_id(_trained(primary_metric="logloss"), "tickets", 0.0, "c1"),
-              registry.model_version_id(_trained(), "tickets", 0.0, "c2")}
-    assert base not in others and len(others) == 5
+    rule = (False, 0.0)
+    base = registry.model_version_id(_trained(), "tickets", 0.0, "c1", rule)
+    assert base == registry.model_version_id(_trained(), "tickets", 0.0, "c1", rule)
+    others = {registry.model_version_id(_trained(id="t2"), "tickets", 0.0, "c1", rule),
+              registry.model_version_id(_trained(), "prod-tickets", 0.0, "c1", rule),
+              registry.model_version_id(_trained(), "tickets", 0.01, "c1", rule),
+              registry.model_version_id(_trained(primary_metric="logloss"), "tickets", 0.0, "c1", rule),
+              registry.model_version_id(_trained(), "tickets", 0.0, "c2", rule),
+              registry.model_version_id(_trained(), "tickets", 0.0, "c1", (True, 0.0)),
+              registry.model_version_id(_trained(), "tickets", 0.0, "c1", (False, 0.02))}
+    assert base not in others and len(others) == 7
+
+
+def _gate_spec(**train):
+    from lifecycle.sample import SAMPLE_SPEC
+    from lifecycle.spec import parse_spec
+
+    return parse_spec({**SAMPLE_SPEC, "source": "tickets.csv", "train": train})
+
+
+@pytest.mark.parametrize(
+    ("metric", "greater", "model", "base", "margin", "beats"),
+    [
+        ("accuracy", True, 0.80, 0.75, 0.0, True),
+        ("accuracy", True, 0.80, 0.75, 0.05, True),  # exactly the margin counts
+        ("accuracy", True, 0.80, 0.78, 0.05, False),  # better, but not by the margin
+        ("accuracy", True, 0.75, 0.75, 0.0, False),  # a tie does not earn a place
+        ("accuracy", True, 0.702, 0.772, 0.0, False),  # the catalogue case of the issue
+        ("rmse", False, 1.0, 1.2, 0.1, True),  # lower is better
+        ("logloss", False, 0.6, 0.5, 0.0, False),
+    ],
+)
+def test_baseline_verdict_respects_direction_and_margin(metric, greater, model, base, margin, beats):
+    trained = _trained(metrics={metric: model}, primary_metric=metric, greater_is_better=greater,
+                       baseline_metrics={metric: base})
+    decided, value, verdict = registry.versus_baseline(trained, margin)
+    assert decided is beats and value == base
+    if beats:
+        assert verdict.startswith(f"beats baseline by {abs(model - base):.4f}")
+    else:
+        assert verdict.startswith("does not beat baseline") and f"({metric} {model:.4f} vs {base:.4f})" in verdict
+
+
+def test_bless_refuses_a_model_the_baseline_beats_unless_turned_off():
+    loses = _trained(metrics={"accuracy": 0.70}, baseline_metrics={"accuracy": 0.77})
+    wins = _trained(metrics={"accuracy": 0.80}, baseline_metrics={"accuracy": 0.77})
+    first = "promoted: no champion yet (accuracy=0.7000)"
+    promote, text = registry.bless(_gate_spec(require_beats_baseline=True), loses, True, first)
+    assert not promote
+    assert text == ("not promoted: does not beat baseline (accuracy 0.7000 vs 0.7700); "
+                    "champion check: no champion yet (accuracy=0.7000)")
+    promote, text = registry.bless(_gate_spec(require_beats_baseline=True), wins, True, "promoted: x")
+    assert promote and text == "promoted: x; beats baseline by 0.0300 (accuracy 0.8000 vs 0.7700)"
+    promote, text = registry.bless(_gate_spec(require_beats_baseline=True), loses, False, "kept champion v2: y")
+    assert not promote and text.startswith("kept champion v2: y; does not beat baseline")
+    # Off: the champion rule alone decides, and the decision still says where the model stands.
+    promote, text = registry.bless(_gate_spec(require_beats_baseline=False), loses, True, first)
+    assert promote and text.endswith("does not beat baseline (accuracy 0.7000 vs 0.7700) (not required)")
+    # A margin over the baseline.
+    promote, _ = registry.bless(_gate_spec(require_beats_baseline=True, baseline_margin=0.05), wins, True, "p")
+    assert not promote
+    # A record from before baselines: nothing to judge by, the champion rule decides.
+    old = _trained(metrics={"accuracy": 0.70})
+    promote, text = registry.bless(_gate_spec(require_beats_baseline=True), old, True, "promoted: z")
+    assert promote and text == "promoted: z; no baseline in the training record"
 
 
 def test_only_transient_mlflow_failures_are_retried():

@@ -124,10 +124,13 @@ def run(tmp_path_factory, local_compute):
     spec, store, dataset = _ingest(tmp, generate_tickets(600))
     target = _mlflow_target(tmp)
     result = training.fit(spec, dataset, store, local_compute)
+    from tasks.baseline import fit_baseline
+
+    baseline = fit_baseline(spec, store, dataset, result.schema.classes)
     run_id, model_uri = training.log_training_run(target, spec, dataset, _report(dataset), None, result, store,
-                                                  "trained-1", "code-1")
+                                                  "trained-1", "code-1", baseline)
     return dict(tmp=tmp, spec=spec, store=store, dataset=dataset, target=target, result=result, run_id=run_id,
-                model_uri=model_uri)
+                model_uri=model_uri, baseline=baseline)
 
 
 def test_training_beats_chance_on_the_holdout(run):
@@ -159,7 +162,21 @@ def test_run_logs_params_history_lineage_and_artifacts(run):
     assert [d.dataset.name for d in logged.inputs.dataset_inputs] == [f"tickets@{run['dataset'].id}"]
     files = {f.path for d in ("plots", "lifecycle") for f in client.list_artifacts(run["run_id"], d)}
     assert files == {"plots/feature_importance.png", "plots/confusion_matrix.png",
-                     "lifecycle/booster.json", "lifecycle/feature_schema.json"}
+                     "plots/baseline_confusion_matrix.png", "lifecycle/booster.json", "lifecycle/feature_schema.json"}
+
+
+def test_run_logs_the_baseline_beside_the_model(run):
+    """Same holdout rows, same metrics, logged in the same run with what it was fit on."""
+    baseline, result = run["baseline"], run["result"]
+    assert baseline.rows == {"train": result.rows["train"], "holdout": result.rows["holdout"]}
+    assert np.array_equal(baseline.y_true, result.y_true)  # the same holdout rows, in the same order
+    assert set(baseline.metrics) == set(result.metrics) and not baseline.sampled
+    logged = run["target"].client().get_run(run["run_id"]).data
+    assert math.isclose(logged.metrics["baseline_accuracy"], baseline.metrics["accuracy"])
+    assert logged.tags["lifecycle.baseline.family"] == "logistic_regression"
+    assert logged.tags["lifecycle.baseline.features"] == "logistic_regression on onehot(2) + scaled(4)"
+    assert logged.tags["lifecycle.baseline.sampled"] == "false"
+    assert logged.params["baseline_train_rows"] == str(result.rows["train"])
 
 
 def test_pyfunc_predicts_labels_from_raw_rows(run):
@@ -336,6 +353,20 @@ def test_run_is_tagged_with_what_the_cluster_had(run):
     assert tags["lifecycle.compute.device"] == "cpu" and tags["lifecycle.compute.gpu_workers"] == "0"
     assert params["eval_rows"] == params["holdout_rows"] == str(run["result"].rows["holdout"])
     assert run["result"].compute.threads == 2
+    # 480 rows fit one worker: trained there with both threads of the host, no all-reduce.
+    assert tags["lifecycle.layout.kind"] == "single" and tags["lifecycle.layout.nthread"] == "2"
+    assert tags["lifecycle.layout.dmatrix"] == "QuantileDMatrix on one worker"
+    assert "fits one worker" in tags["lifecycle.layout.reason"]
+
+
+def test_single_and_distributed_layouts_train_the_same_model(run, local_compute):
+    """The layout changes where the trees are built, not which trees: same params, same metrics."""
+    spread = local_compute.model_copy(update={"train_layout": "distributed"})
+    other = training.fit(run["spec"], run["dataset"], run["store"], spread)
+    assert other.layout.kind == "distributed" and other.layout.workers == 2
+    assert other.best_iteration == run["result"].best_iteration
+    for name, value in run["result"].metrics.items():
+        assert math.isclose(other.metrics[name], value, rel_tol=1e-5), name
 
 
 def test_boost_is_the_step_the_benchmarks_time(local_compute):

@@ -14,7 +14,8 @@ from lifecycle.errors import QuarantinedError
 from lifecycle.records import DatasetVersion, stable_hash
 from lifecycle.sample import SAMPLE_SPEC, generate_tickets
 from lifecycle.spec import DatasetSpec, parse_spec
-from tasks.validation import build_expectations, build_suite, report_id, require_passed, run_validation
+from tasks.audit import run_validation
+from tasks.validation import build_expectations, build_suite, report_id, require_passed
 
 BAD_ROW_FAILURES = {
     ("expect_column_values_to_be_between", "sentiment"),
@@ -123,8 +124,18 @@ def test_sample_passes_and_data_docs_land_in_the_store(lake, sample_spec, datase
 
 
 def test_bad_rows_name_each_failed_expectation(lake, sample_files):
-    spec, dataset = ingest_frame(lake, sample_files, bad_tickets())
+    """Ingest's audit refuses the landing with the report; validating the same rows as a version (written
+    directly) gives the same verdict, which quarantines it."""
+    from tasks.ingest import LandingQuarantined
+
+    with pytest.raises(LandingQuarantined) as refused:
+        ingest_frame(lake, sample_files, bad_tickets())
+    spec = parse_spec({**SAMPLE_SPEC, "source": str(sample_files[0])})
+    assert lake.exists(refused.value.report.docs_key)
+    dataset = write_version(lake, bad_tickets())
     report = run_validation(lake, spec, dataset)
+    assert [(f.expectation, f.column, f.detail) for f in report.failed] == [
+        (f.expectation, f.column, f.detail) for f in refused.value.report.failed]
 
     assert not report.success and report.quarantined
     assert {(f.expectation, f.column) for f in report.failed} == BAD_ROW_FAILURES

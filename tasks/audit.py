@@ -1,0 +1,211 @@
+"""Audit: the checks new files pass before they are committed to a dataset's table (write–audit–publish).
+
+Why this shape:
+- The GX suite (tasks/validation.py) runs on each new file on its own, with the expectations that a
+  file can decide alone (schema, nulls, ranges, allowed labels, ids unique within the file). Memory is
+  bounded by a file's size, and an append costs in proportion to the append, not the table.
+- What only the whole table can decide is checked here without loading it: ids unique across the
+  landing and against every earlier file (the id column alone, one file at a time), the table's row
+  count (earlier rows from the Delta log's file stats) and its label set (earlier labels from the
+  previous commit's metadata). These keep the GX names (`expect_table_row_count_to_be_between`, …),
+  so a report reads the same whichever side found the problem.
+- `run_validation` (the validate stage's own run, for a version without the audit's report) is the same
+  audit applied to the files a version's commit added.
+"""
+
+from __future__ import annotations
+
+import gc
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from prefect import task
+
+from infra_blocks import ObjectStore
+from lifecycle.records import DatasetVersion, FailedExpectation, ValidationReport
+from lifecycle.spec import DatasetSpec, Task
+from tasks.policies import retry_unless_user_error
+from tasks.validation import (
+    build_expectations,
+    copy_docs,
+    docs_prefix,
+    make_report,
+    read_file_frame,
+    stored_report,
+    validate_frame,
+    version_label,
+)
+from tasks.validation_report import EXAMPLES, describe_failure
+
+ROW_COUNT = "expect_table_row_count_to_be_between"
+LABEL_COUNT = "expect_column_unique_value_count_to_be_between"
+UNIQUE = "expect_column_values_to_be_unique"
+TABLE_LEVEL = frozenset({ROW_COUNT, LABEL_COUNT})
+
+
+@dataclass
+class Audit:
+    """The verdict on new files, and what the table holds once they are committed."""
+
+    success: bool
+    evaluated: int
+    failed: list[FailedExpectation] = field(default_factory=list)
+    rows: int = 0
+    labels: set[str] | None = None
+
+
+def file_expectations(spec: DatasetSpec) -> list:
+    """The suite's expectations that one file decides alone (all but the table-level ones)."""
+    return [e for e in build_expectations(spec) if e.expectation_type not in TABLE_LEVEL]
+
+
+def _column(store: ObjectStore, key: str, column: str) -> pa.ChunkedArray:
+    return pq.read_table(store.path(key), columns=[column], filesystem=store.pyarrow_filesystem()).column(0)
+
+
+def _examples(values: np.ndarray) -> str:
+    shown = [str(v) for v in values[:EXAMPLES].tolist()]
+    return f", e.g. {', '.join(shown)}" if shown else ""
+
+
+def _ids(store: ObjectStore, key: str, column: str) -> np.ndarray:
+    """A file's non-null ids as a NumPy array (int64, or objects for string ids)."""
+    values = _column(store, key, column).drop_null()
+    return values.to_numpy() if pa.types.is_integer(values.type) else np.asarray(values.to_pylist(), dtype=object)
+
+
+def id_failures(store: ObjectStore, spec: DatasetSpec, new: list[str], earlier: list[str]) -> list[str]:
+    """Details of ids that are not unique across the new files or already in an earlier file.
+
+    Reads the id column only. The new ids are sorted once (a hash set costs ~75 bytes an id, the sorted
+    array 8); each earlier file's ids are then looked up in them by binary search, one file at a time:
+    memory is the new ids plus one earlier file's, never the table's.
+    """
+    ids = np.sort(np.concatenate([_ids(store, k, spec.id_column) for k in new]) if new else np.array([], "int64"))
+    same = ids[1:] == ids[:-1]
+    details = []
+    if len(new) > 1 and same.any():
+        repeated = np.unique(ids[1:][same])
+        details.append(f"{len(repeated)} id{'s' if len(repeated) != 1 else ''} repeated across the new "
+                       f"files{_examples(repeated)}")
+    unique = ids[np.concatenate(([True], ~same))] if len(ids) else ids
+    del ids, same
+    seen, found = 0, np.array([], dtype=unique.dtype)
+    for key in earlier:
+        old = _ids(store, key, spec.id_column)
+        if len(unique) == 0 or len(old) == 0 or (old.dtype == object) != (unique.dtype == object):
+            continue  # a changed id type is refused by the schema check before any audit
+        at = np.minimum(np.searchsorted(unique, old), len(unique) - 1)
+        hits = old[unique[at] == old]
+        seen += len(hits)
+        if len(found) < EXAMPLES:
+            found = np.concatenate([found, hits[:EXAMPLES]])
+    if seen:
+        details.append(f"{seen} id{'s' if seen != 1 else ''} already in the table{_examples(found)} "
+                       "(a source that is a whole new snapshot needs `ingest: {mode: replace}` in the spec)")
+    return details
+
+
+def labels_of(store: ObjectStore, spec: DatasetSpec, keys: list[str]) -> set[str]:
+    found: set[str] = set()
+    for key in keys:
+        found.update(v for v in pc.unique(_column(store, key, spec.label_column)).to_pylist() if v is not None)
+    return found
+
+
+def audit_files(store: ObjectStore, spec: DatasetSpec, new: list[str], earlier: list[str], *, earlier_rows: int,
+                earlier_labels: set[str] | None, label: str, docs_dir: str) -> Audit:
+    """Validate new files (GX per file, Data Docs into `docs_dir`) and the table they would make.
+
+    Args:
+        new: store keys of the new files; earlier: the table's files before them.
+        earlier_rows: the table's rows before them; earlier_labels: its label set (None: read it from
+            the earlier files' label column).
+        label: the name the Data Docs pages carry (`<dataset>@<id>`).
+    """
+    expectations = file_expectations(spec)
+    by_check: dict[tuple[str, str | None], list[FailedExpectation]] = {}
+    success, rows = True, 0
+    for i, key in enumerate(new):
+        frame = read_file_frame(store, key)
+        rows += len(frame)
+        ok, _, failed = validate_frame(frame, spec, f"{label}-file{i:04d}", docs_dir,
+                                       expectations=file_expectations(spec))  # GX binds each to one suite
+        success = success and ok
+        del frame
+        gc.collect()  # each GX context is a web of reference cycles: ~2 MB a file otherwise, until a full collection
+        for f in failed:
+            by_check.setdefault((f.expectation, f.column), []).append(f)
+    failed = [_merged(found) for found in by_check.values()]
+
+    duplicates = id_failures(store, spec, new, earlier)
+    if duplicates:
+        same = next((f for f in failed if (f.expectation, f.column) == (UNIQUE, spec.id_column)), None)
+        if same is None:
+            failed.append(FailedExpectation(expectation=UNIQUE, column=spec.id_column, detail="; ".join(duplicates)))
+        else:
+            same.detail = "; ".join([same.detail, *duplicates])
+
+    labels = None
+    if spec.task is not Task.regression:
+        earlier_set = earlier_labels if earlier_labels is not None else labels_of(store, spec, earlier)
+        labels = earlier_set | labels_of(store, spec, new)
+    failed += table_failures(spec, earlier_rows + rows, labels)
+    evaluated = len(expectations) + 1 + (spec.task is not Task.regression)
+    return Audit(success=success and not failed, evaluated=evaluated, failed=in_suite_order(spec, failed),
+                 rows=earlier_rows + rows, labels=labels)
+
+
+def table_failures(spec: DatasetSpec, rows: int, labels: set[str] | None) -> list[FailedExpectation]:
+    """The row-count bounds and the label count, decided on the table's totals."""
+    failed = []
+    exp = spec.expectations
+    if rows < exp.min_rows or (exp.max_rows is not None and rows > exp.max_rows):
+        failed.append(FailedExpectation(expectation=ROW_COUNT, detail=describe_failure(
+            ROW_COUNT, {"min_value": exp.min_rows, "max_value": exp.max_rows}, {"observed_value": rows}, None)))
+    if labels is not None:
+        most = 2 if spec.task is Task.binary else None
+        if len(labels) < 2 or (most is not None and len(labels) > most):
+            failed.append(FailedExpectation(expectation=LABEL_COUNT, column=spec.label_column, detail=describe_failure(
+                LABEL_COUNT, {"min_value": 2, "max_value": most}, {"observed_value": len(labels)}, None)))
+    return failed
+
+
+def in_suite_order(spec: DatasetSpec, failed: list[FailedExpectation]) -> list[FailedExpectation]:
+    rank = {(e.expectation_type, getattr(e, "column", None)): i for i, e in enumerate(build_expectations(spec))}
+    return sorted(failed, key=lambda f: rank.get((f.expectation, f.column), len(rank)))
+
+
+def _merged(found: list[FailedExpectation]) -> FailedExpectation:
+    """One failure per expectation and column, however many files failed it."""
+    first = found[0]
+    if len(found) == 1:
+        return first
+    return first.model_copy(update={"detail": f"{first.detail}; and in {len(found) - 1} more file(s)"})
+
+
+def run_validation(store: ObjectStore, spec: DatasetSpec, dataset: DatasetVersion) -> ValidationReport:
+    """Validate one dataset version (pure; no Prefect): the files its commit added, each on its own
+    (GX), and the table-level checks against the files before them (tasks/audit.py).
+
+    A version not made by a commit (no `added_files`) is validated whole, file by file.
+    """
+    new = dataset.added_files or dataset.parts
+    earlier = [k for k in dataset.parts if k not in set(new)]
+    earlier_rows = dataset.rows - dataset.added_rows if dataset.added_files else 0
+    with tempfile.TemporaryDirectory(prefix="gx-docs-") as docs_dir:
+        audit = audit_files(store, spec, new, earlier, earlier_rows=earlier_rows, earlier_labels=None,
+                            label=version_label(dataset), docs_dir=docs_dir)
+        docs_key = copy_docs(store, docs_dir, docs_prefix(dataset))
+    return make_report(spec, dataset.dataset, dataset.id, audit.success, audit.evaluated, audit.failed, docs_key)
+
+
+@task(name="validate-dataset", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error,
+      tags=["lifecycle", "validate"])
+def validate_task(store: ObjectStore, spec: DatasetSpec, dataset: DatasetVersion) -> ValidationReport:
+    """Prefect wrapper: the report ingest's audit made, else a fresh run; a failing suite is a result."""
+    return stored_report(store, spec, dataset) or run_validation(store, spec, dataset)

@@ -1,0 +1,260 @@
+"""The lake as Delta Lake tables: appends and time travel, idempotent landings, replace, schema refusals,
+concurrent writers in two processes, and the audit that keeps a bad landing out of the table.
+
+Every test that touches S3 runs against moto in its own process (tests/fixtures/s3.py).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import tasks.ingest
+from lifecycle.errors import LifecycleError
+from lifecycle.sample import generate_tickets
+from tasks.ingest import LandingQuarantined, app_id, ingest_dataset, read_dataset
+from tasks.lake import table_state, table_uri, version_record
+from tests.fixtures.s3 import S3_KEY, S3_SECRET
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(params=["file", "s3"])
+def store(request, lake):
+    return lake if request.param == "file" else request.getfixturevalue("s3_lake")
+
+
+def _land(store, name: str, frame: pd.DataFrame) -> str:
+    """Put a CSV under the store's landing zone; returns its URI (what a landing's ingest reads)."""
+    store.write_bytes(f"landing/tickets/{name}", frame.to_csv(index=False).encode())
+    return store.uri(f"landing/tickets/{name}")
+
+
+def _uncommitted(store, name: str = "tickets") -> list[str]:
+    """Data files in the table location that the latest version does not reference."""
+    state = table_state(store, name)
+    live = set(state.keys()) if state else set()
+    return [k for k in store.list_keys(f"datasets/{name}") if "/_delta_log/" not in k and k not in live]
+
+
+def _second_reader(store, version: int) -> list[int]:
+    """The ids of a table version as pyarrow.dataset reads it through delta-rs (no lifecycle code)."""
+    from deltalake import DeltaTable
+
+    table = DeltaTable(table_uri(store, "tickets"), version=version, storage_options=store.delta_storage_options())
+    return sorted(table.to_pyarrow_dataset().to_table(columns=["ticket_id"]).column(0).to_pylist())
+
+
+def test_appends_commit_and_every_version_reads_back(store, sample_spec):
+    frames = [generate_tickets(1500).iloc[i * 500:(i + 1) * 500] for i in range(3)]
+    records = [ingest_dataset(store, sample_spec.model_copy(update={"source": _land(store, f"{i}.csv", f)}))
+               for i, f in enumerate(frames)]
+
+    assert [r.table_version for r in records] == [0, 1, 2]
+    assert [r.rows for r in records] == [500, 1000, 1500] and [r.added_rows for r in records] == [500] * 3
+    assert len({r.id for r in records}) == 3
+    for i, record in enumerate(records):
+        expected = pd.concat(frames[: i + 1])["ticket_id"].tolist()
+        assert read_dataset(store, record)["ticket_id"].tolist() == expected  # rows in commit order
+        assert version_record(store, "tickets", i).model_dump(exclude={"created_at"}) == record.model_dump(
+            exclude={"created_at"})  # the record is rebuilt from the Delta log alone
+        assert _second_reader(store, i) == sorted(expected)
+        assert record.added_files == record.parts[-1:] and record.content_hash.startswith(record.id)
+    history = table_state(store, "tickets").table.history()
+    assert [h["lifecycle.content_hash"][:16] for h in history] == [r.id for r in reversed(records)]
+    assert _uncommitted(store) == []
+
+
+def test_the_same_landing_twice_commits_once(store, sample_spec, monkeypatch):
+    uri = _land(store, "a.csv", generate_tickets(300))
+    spec = sample_spec.model_copy(update={"source": uri})
+    first = ingest_dataset(store, spec)
+    reads = []
+    monkeypatch.setattr(tasks.ingest, "read_source", lambda *a: reads.append(a) or iter(()))
+    again = ingest_dataset(store, spec)  # redelivered: recognised by object + ETag, not even read
+    assert again.id == first.id and again.table_version == 0 and reads == []
+    monkeypatch.undo()
+
+    copy = _land(store, "copy-of-a.csv", generate_tickets(300))  # same rows under another name
+    assert ingest_dataset(store, spec.model_copy(update={"source": copy})).table_version == 0
+    state = table_state(store, "tickets")
+    assert state.version == 0 and state.committed(app_id("rows", first.added_hash, 0))
+    assert _uncommitted(store) == []
+
+
+def test_replace_overwrites_and_the_same_content_has_the_same_id(lake, sample_spec, tmp_path):
+    one, two = tmp_path / "one.csv", tmp_path / "two.csv"
+    generate_tickets(400).to_csv(one, index=False)
+    generate_tickets(900).iloc[400:].to_csv(two, index=False)
+    first = ingest_dataset(lake, sample_spec.model_copy(update={"source": str(one)}))
+    spec_two = _spec_with(sample_spec, source=str(two), ingest={"mode": "replace"})
+    second = ingest_dataset(lake, spec_two)
+    assert (second.table_version, second.rows, second.parts) == (1, 500, second.added_files)
+    assert read_dataset(lake, second)["ticket_id"].min() == 401
+    assert read_dataset(lake, first)["ticket_id"].tolist() == list(range(1, 401))  # time travel
+    assert ingest_dataset(lake, spec_two).table_version == 1  # the table holds exactly this: no-op
+    back = ingest_dataset(lake, spec_two.model_copy(update={"source": str(one)}))
+    assert back.table_version == 2 and back.id == first.id  # same table content, same id
+
+
+def _spec_with(spec, **changes):
+    from lifecycle.spec import parse_spec
+
+    return parse_spec({**spec.model_dump(mode="json"), **changes})
+
+
+def test_schema_changes_are_refused_naming_the_column_and_commit_nothing(lake, sample_spec, tmp_path):
+    base = ingest_dataset(lake, sample_spec)
+    frame = generate_tickets(1000).iloc[600:].copy()
+    cases = []
+    no_plan = _spec_with(sample_spec, categorical_features=["channel"])
+    cases.append((no_plan, frame, "column 'plan' of the table is missing"))
+    strings = frame.assign(ticket_id=[f"T-{i}" for i in frame["ticket_id"]])
+    cases.append((sample_spec, strings, "column 'ticket_id' is string, the table has int64"))
+    extra = _spec_with(sample_spec, numeric_features=[*sample_spec.numeric_features, "priority"])
+    cases.append((extra, frame.assign(priority=1.0), "column 'priority' is not in the table"))
+    for i, (spec, data, expected) in enumerate(cases):
+        path = tmp_path / f"case{i}.csv"
+        data.to_csv(path, index=False)
+        with pytest.raises(LifecycleError) as err:
+            ingest_dataset(lake, spec.model_copy(update={"source": str(path)}))
+        assert expected in str(err.value) and "\n" not in str(err.value) and str(path) in str(err.value)
+        assert table_state(lake, "tickets").version == base.table_version and _uncommitted(lake) == []
+
+    allowed = _spec_with(extra, ingest={"allow_new_columns": ["priority"]})
+    path = tmp_path / "allowed.csv"
+    frame.assign(priority=2.0).to_csv(path, index=False)
+    grown = ingest_dataset(lake, allowed.model_copy(update={"source": str(path)}))
+    assert grown.rows == 1000 and grown.schema_["priority"] == "double"
+    back = read_dataset(lake, grown)
+    assert back["priority"].isna().sum() == 600 and (back["priority"].dropna() == 2.0).all()
+
+
+CONCURRENT = """
+import json, os, sys, time
+import tasks.ingest as ingest
+from infra_blocks import ObjectStore
+from lifecycle.sample import SAMPLE_SPEC
+from lifecycle.spec import parse_spec
+from tasks.lake import CommitConflict
+url, endpoint, source, barrier = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+store = ObjectStore(url=url, endpoint_url=endpoint or None, region="us-east-1",
+                    access_key_id=%r if endpoint else None, secret_access_key=%r if endpoint else None)
+audit, commit, seen = ingest.audit_files, ingest.commit_files, {"conflicts": 0}
+
+def audited(*args, **kwargs):  # both writers have read the table before either commits: a real race
+    result = audit(*args, **kwargs)
+    open(os.path.join(barrier, str(os.getpid())), "w").close()
+    deadline = time.time() + 120
+    while len(os.listdir(barrier)) < 2 and time.time() < deadline:
+        time.sleep(0.01)
+    return result
+
+def counted(*args, **kwargs):
+    try:
+        return commit(*args, **kwargs)
+    except CommitConflict:
+        seen["conflicts"] += 1
+        raise
+
+ingest.audit_files, ingest.commit_files = audited, counted
+record = ingest.ingest_dataset(store, parse_spec({**SAMPLE_SPEC, "source": source}))
+print(json.dumps({"version": record.table_version, "rows": record.rows, **seen}))
+""" % (S3_KEY, S3_SECRET)
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["creating", "appending"])
+def test_two_processes_appending_at_once_both_commit(store, tmp_path, sample_spec, existing):
+    """Both create the table (one loses: the create conflicts) or both append to it (one commit conflicts)."""
+    first = 0
+    if existing:
+        first = ingest_dataset(store, sample_spec.model_copy(update={"source": _land(store, "v0.csv", generate_tickets(
+            1000).iloc[800:])})).table_version + 1
+    frames = [generate_tickets(800).iloc[:400], generate_tickets(800).iloc[400:]]
+    sources = []
+    for i, frame in enumerate(frames):
+        sources.append(tmp_path / f"w{i}.csv")
+        frame.to_csv(sources[-1], index=False)
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT, store.url, store.endpoint_url or "", str(src),
+                               str(barrier)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for src in sources]
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    results = [json.loads(o[0].strip().splitlines()[-1]) for o in outs]
+    rows = 800 + 200 * existing
+    assert sorted(r["version"] for r in results) == [first, first + 1] and max(r["rows"] for r in results) == rows
+    assert sorted(r["conflicts"] for r in results) == [0, 1]  # the loser re-read the table and committed after
+    state = table_state(store, "tickets")
+    assert state.version == first + 1 and state.rows == rows and len(state.commits) == 2 + existing
+    assert _second_reader(store, first + 1) == list(range(1, rows + 1))  # nothing lost
+
+
+def test_a_bad_landing_is_quarantined_and_the_next_good_one_commits(store, sample_spec):
+    from tests.tasks.test_validation import bad_tickets
+
+    good = ingest_dataset(store, sample_spec.model_copy(update={"source": _land(store, "good.csv",
+                                                                                generate_tickets(600))}))
+    bad = bad_tickets(600)
+    bad["ticket_id"] += 300  # ids 301-600 repeat the table's, besides the injected bad rows
+    with pytest.raises(LandingQuarantined) as err:
+        ingest_dataset(store, sample_spec.model_copy(update={"source": _land(store, "bad.csv", bad)}))
+    message, report = str(err.value), err.value.report
+    assert "\n" not in message and "failed validation" in message and "nothing committed" in message
+    for name in ("expect_column_values_to_be_between(sentiment)", "expect_column_values_to_be_unique(ticket_id)",
+                 "expect_column_values_to_be_in_set(category)"):
+        assert name in message
+    unique = next(f for f in report.failed if f.expectation == "expect_column_values_to_be_unique")
+    assert "already in the table" in unique.detail
+
+    state = table_state(store, "tickets")
+    assert state.version == good.table_version and _uncommitted(store) == []
+    held = store.list_keys(f"quarantine/tickets/{report.dataset_version}")
+    assert any(k.endswith(".parquet") for k in held)
+    assert f"quarantine/tickets/{report.dataset_version}/report.json" in held
+    assert report.docs_key in held and not report.success
+
+    nxt = generate_tickets(1000).iloc[600:]
+    after = ingest_dataset(store, sample_spec.model_copy(update={"source": _land(store, "next.csv", nxt)}))
+    assert (after.table_version, after.rows) == (good.table_version + 1, 1000)
+
+
+def test_uncommitted_files_in_the_table_location_are_invisible(lake, sample_spec):
+    first = ingest_dataset(lake, sample_spec)
+    lake.write_bytes("datasets/tickets/part-crashed-00000.parquet", b"partial")
+    assert version_record(lake, "tickets").parts == first.parts
+    assert _second_reader(lake, 0) == list(range(1, 601))
+
+
+def test_a_table_written_outside_the_lifecycle_is_named_in_one_line(lake):
+    from deltalake import write_deltalake
+
+    write_deltalake(table_uri(lake, "other"), pd.DataFrame({"x": [1]}))
+    with pytest.raises(LifecycleError, match=r"other@0: not written by the lifecycle"):
+        version_record(lake, "other")
+
+
+@pytest.mark.parametrize("ids", [[1, 2, 3, 4, 5, 6], ["a", "b", "c", "d", "e", "f"]], ids=["int", "str"])
+def test_id_checks_read_only_ids_and_find_repeats_across_files_and_versions(lake, sample_spec, ids):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tasks.audit import id_failures
+
+    def put(key, values):
+        lake.filesystem().makedirs(lake.path("t"), exist_ok=True)
+        pq.write_table(pa.table({"ticket_id": values, "text": ["x"] * len(values)}), lake.path(key))
+        return key
+
+    earlier = [put("t/old0.parquet", ids[:2]), put("t/old1.parquet", ids[2:3])]
+    new = [put("t/new0.parquet", [ids[1], ids[3], ids[4]]), put("t/new1.parquet", [ids[4], ids[5], ids[2]])]
+    assert id_failures(lake, sample_spec, new, earlier) == [
+        f"1 id repeated across the new files, e.g. {ids[4]}", f"2 ids already in the table, e.g. {ids[1]}, {ids[2]} "
+        "(a source that is a whole new snapshot needs `ingest: {mode: replace}` in the spec)"]
+    assert id_failures(lake, sample_spec, new[:1], []) == []
