@@ -128,7 +128,7 @@ def _print_summary(result, targets, text_column: str | None) -> None:
         "index": (f"{result.index.table}@v{result.index.table_version} · {result.index.index_type} · "
                   f"recall@{result.index.k} {result.index.recall_at_k:.3f}") if result.index else "",
         "train": trained_fact(result.trained),
-        "register": f"{registered_fact(result.model)} · {result.model.decision}",
+        "register": registered_fact(result.model, decision=True),
         "deploy": (f"{result.deployment.endpoint} (model v{result.deployment.model_version})"
                    if result.deployment else ""),
     }

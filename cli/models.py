@@ -25,9 +25,12 @@ def trained_fact(trained) -> str:
         (f" · {trained.layout} layout" if trained.layout else "")
 
 
-def registered_fact(model) -> str:
-    """A ModelVersion in one cell: version, aliases, and whether it earned its place (beats the baseline)."""
+def registered_fact(model, decision: bool = False) -> str:
+    """A ModelVersion in one cell: version, aliases, and whether it earned its place (beats the baseline);
+    with `decision`, the promotion decision too (which already carries the baseline's verdict)."""
     role = "champion" if model.promoted else "challenger (not promoted)"
+    if decision:
+        return f"{model.model_name} v{model.version} · {role} · {model.decision}"
     verdict = f" · {model.baseline_verdict}" if model.baseline_verdict else ""
     return f"{model.model_name} v{model.version} · {role}{verdict}"
 
