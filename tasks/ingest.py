@@ -74,6 +74,7 @@ from tasks.lake import (
 )
 from tasks.landing import object_etag
 from tasks.policies import retry_unless_user_error
+from tasks.records import find_record
 from tasks.sources import read_source
 from tasks.validation import audit_key, copy_docs, docs_prefix, failure_line, make_report
 
@@ -136,14 +137,14 @@ def _ingest(store: ObjectStore, spec: DatasetSpec, log=None) -> DatasetVersion:
     object_key = stable_hash(spec.source, etag, length=32) if etag else None
     if state is not None and object_key and _already(state, spec, "", object_key):
         _say(log, "ingest %s: %s@%s is already in the table (version %d)", spec.name, spec.source, etag, state.version)
-        return version_record(store, spec.name, state=state)
+        return _current(store, spec, state)
     written = Written()
     committed = False
     try:
         _write(store, spec, state, written, log)
         if state is not None and _already(state, spec, written.added_hash, object_key):
             _say(log, "ingest %s: the same rows are already in the table (version %d)", spec.name, state.version)
-            return version_record(store, spec.name, state=state)
+            return _current(store, spec, state)
         append = state is not None and spec.ingest.mode == "append"
         candidate = chained_hash(state.content_hash if append and state else None, written.added_hash)[:16]
         with tempfile.TemporaryDirectory(prefix="gx-docs-") as docs_dir:
@@ -169,6 +170,13 @@ def _ingest(store: ObjectStore, spec: DatasetSpec, log=None) -> DatasetVersion:
             with suppress(Exception):
                 for key in written.keys(spec.name):
                     store.delete(key)
+
+
+def _current(store: ObjectStore, spec: DatasetSpec, state: TableState) -> DatasetVersion:
+    """The table's current version when a repeat commits nothing: its published record when there is one
+    (its own creation time is how a run tells the stage was `cached`), else rebuilt from the Delta log."""
+    record = version_record(store, spec.name, state=state)
+    return find_record(store, DatasetVersion, record.id) or record
 
 
 def _say(log, *args) -> None:
