@@ -60,10 +60,17 @@ def _prefect_for_run() -> Iterator[None]:
 
 
 def _default_spec(rows: int) -> Path:
+    """The bundled sample's spec. Its file is a whole new snapshot whenever `--rows` changes, so it
+    replaces the table instead of appending ids the table already has."""
+    import yaml
+
     from infra_blocks.profiles import lifecycle_home
     from lifecycle.sample import write_sample
 
-    return write_sample(lifecycle_home() / "sample", rows=rows)[1]
+    path = write_sample(lifecycle_home() / "sample", rows=rows)[1]
+    spec = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**spec, "ingest": {"mode": "replace"}}, sort_keys=False))
+    return path
 
 
 @app.command()

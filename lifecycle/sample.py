@@ -88,7 +88,5 @@ def write_sample(directory: str | Path, rows: int = 5000, seed: int = 7) -> tupl
     csv_path = directory / "tickets.csv"
     generate_tickets(rows, seed).to_csv(csv_path, index=False)
     spec_path = directory / "tickets.yaml"
-    # The file is a whole new snapshot each time it is written (another --rows): it replaces the table.
-    spec = {**SAMPLE_SPEC, "source": csv_path.name, "ingest": {"mode": "replace"}}
-    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    spec_path.write_text(yaml.safe_dump({**SAMPLE_SPEC, "source": csv_path.name}, sort_keys=False))
     return csv_path, spec_path

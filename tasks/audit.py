@@ -170,8 +170,13 @@ def table_failures(spec: DatasetSpec, rows: int, labels: set[str] | None) -> lis
     if labels is not None:
         most = 2 if spec.task is Task.binary else None
         if len(labels) < 2 or (most is not None and len(labels) > most):
-            failed.append(FailedExpectation(expectation=LABEL_COUNT, column=spec.label_column, detail=describe_failure(
-                LABEL_COUNT, {"min_value": 2, "max_value": most}, {"observed_value": len(labels)}, None)))
+            detail = describe_failure(LABEL_COUNT, {"min_value": 2, "max_value": most},
+                                      {"observed_value": len(labels)}, None)
+            if len(labels) < 2:  # in the words of the data: which class, and what the task needs
+                only = next(iter(labels), "none")
+                detail += (f": label column {spec.label_column!r} has one class ({only}); "
+                           f"{spec.task.value} needs two or more")
+            failed.append(FailedExpectation(expectation=LABEL_COUNT, column=spec.label_column, detail=detail))
     return failed
 
 
