@@ -158,7 +158,8 @@ def test_single_class_label_fails(lake):
     report = run_validation(lake, spec, write_version(lake, frame))
 
     assert [(f.expectation, f.column, f.detail) for f in report.failed] == [
-        ("expect_column_unique_value_count_to_be_between", "category", "observed 1 (expected >= 2)")]
+        ("expect_column_unique_value_count_to_be_between", "category",
+         "observed 1 (expected >= 2): label column 'category' has one class (billing); multiclass needs two or more")]
 
 
 def test_missing_column_and_too_few_rows_reported_once(lake):
