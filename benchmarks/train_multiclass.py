@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.harness import record
+from benchmarks.train_cpu import with_rounds
 
 EMBEDDING_DIM = 384
 NUMERICS = 4
@@ -62,11 +63,6 @@ def write_dataset(root: Path, rows: int, classes: int, parts: int = 4):
     dataset = DatasetVersion(id="bench", dataset="wide", source="generated", path="datasets/wide/bench",
                              parts=keys, rows=rows, bytes=0, schema={}, spec_hash="bench")
     return spec, store, dataset
-
-
-def with_rounds(spec, rounds: int):
-    return spec.model_copy(update={"train": spec.train.model_copy(
-        update={"num_boost_round": rounds, "early_stopping_rounds": None})})
 
 
 def single_process(spec, store, dataset, rounds: int, threads: int = 2) -> float:
