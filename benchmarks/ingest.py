@@ -73,8 +73,8 @@ def start_moto() -> tuple[subprocess.Popen, str]:
     raise RuntimeError("moto_server did not start")
 
 
-def write_csv(path: Path, rows: int) -> None:
-    """`rows` sample tickets as CSV: generated up to 1M, tiled beyond that with fresh ids."""
+def write_csv(path: Path, rows: int, first_id: int = 1) -> None:
+    """`rows` sample tickets as CSV, ids from `first_id`: generated up to 1M, tiled beyond that with fresh ids."""
     from lifecycle.sample import generate_tickets
 
     frame = generate_tickets(min(rows, BASE_ROWS))
@@ -84,7 +84,7 @@ def write_csv(path: Path, rows: int) -> None:
         written = 0
         while written < rows:
             n = min(len(rest), rows - written)
-            f.write("".join(f"{written + i + 1},{line}" for i, line in enumerate(rest[:n])))
+            f.write("".join(f"{first_id + written + i},{line}" for i, line in enumerate(rest[:n])))
             written += n
 
 
