@@ -78,12 +78,15 @@ def _ids(store: ObjectStore, key: str, column: str) -> np.ndarray:
     return values.to_numpy() if pa.types.is_integer(values.type) else np.asarray(values.to_pylist(), dtype=object)
 
 
-def id_failures(store: ObjectStore, spec: DatasetSpec, new: list[str], earlier: list[str]) -> list[str]:
+def id_failures(store: ObjectStore, spec: DatasetSpec, new: list[str], earlier: list[str],
+                ranges: dict[str, tuple[int, int]] | None = None) -> list[str]:
     """Details of ids that are not unique across the new files or already in an earlier file.
 
     Reads the id column only. The new ids are sorted once (a hash set costs ~75 bytes an id, the sorted
     array 8); each earlier file's ids are then looked up in them by binary search, one file at a time:
-    memory is the new ids plus one earlier file's, never the table's.
+    memory is the new ids plus one earlier file's, never the table's. An earlier file whose (min, max)
+    id range (`ranges`, from the Delta stats) holds none of the new ids is not read at all: appending
+    1 % of fresh ids to a 10M-row table otherwise spent most of its audit reading old ids.
     """
     ids = np.sort(np.concatenate([_ids(store, k, spec.id_column) for k in new]) if new else np.array([], "int64"))
     same = ids[1:] == ids[:-1]
@@ -95,7 +98,12 @@ def id_failures(store: ObjectStore, spec: DatasetSpec, new: list[str], earlier: 
     unique = ids[np.concatenate(([True], ~same))] if len(ids) else ids
     del ids, same
     seen, found = 0, np.array([], dtype=unique.dtype)
+    ranges = ranges or {}
     for key in earlier:
+        if key in ranges and len(unique) and unique.dtype != object:
+            lo, hi = ranges[key]
+            if np.searchsorted(unique, lo, "left") == np.searchsorted(unique, hi, "right"):
+                continue
         old = _ids(store, key, spec.id_column)
         if len(unique) == 0 or len(old) == 0 or (old.dtype == object) != (unique.dtype == object):
             continue  # a changed id type is refused by the schema check before any audit
@@ -118,7 +126,8 @@ def labels_of(store: ObjectStore, spec: DatasetSpec, keys: list[str]) -> set[str
 
 
 def audit_files(store: ObjectStore, spec: DatasetSpec, new: list[str], earlier: list[str], *, earlier_rows: int,
-                earlier_labels: set[str] | None, label: str, docs_dir: str) -> Audit:
+                earlier_labels: set[str] | None, label: str, docs_dir: str,
+                earlier_ranges: dict[str, tuple[int, int]] | None = None) -> Audit:
     """Validate new files (GX per file, Data Docs into `docs_dir`) and the table they would make.
 
     Args:
@@ -126,6 +135,7 @@ def audit_files(store: ObjectStore, spec: DatasetSpec, new: list[str], earlier: 
         earlier_rows: the table's rows before them; earlier_labels: its label set (None: read it from
             the earlier files' label column).
         label: the name the Data Docs pages carry (`<dataset>@<id>`).
+        earlier_ranges: the earlier files' id ranges, where the table's stats have them (`id_failures`).
     """
     expectations = file_expectations(spec)
     by_check: dict[tuple[str, str | None], list[FailedExpectation]] = {}
@@ -142,7 +152,7 @@ def audit_files(store: ObjectStore, spec: DatasetSpec, new: list[str], earlier: 
             by_check.setdefault((f.expectation, f.column), []).append(f)
     failed = [_merged(found) for found in by_check.values()]
 
-    duplicates = id_failures(store, spec, new, earlier)
+    duplicates = id_failures(store, spec, new, earlier, earlier_ranges)
     if duplicates:
         same = next((f for f in failed if (f.expectation, f.column) == (UNIQUE, spec.id_column)), None)
         if same is None:

@@ -68,6 +68,7 @@ from tasks.lake import (
     chained_hash,
     check_schema,
     commit_files,
+    int_bounds,
     table_key,
     table_state,
     version_record,
@@ -152,7 +153,8 @@ def _ingest(store: ObjectStore, spec: DatasetSpec, log=None) -> DatasetVersion:
                 store, spec, written.keys(spec.name), state.keys() if append and state else [],
                 earlier_rows=state.rows if append and state else 0,
                 earlier_labels=(state.labels if append and state else set()),
-                label=f"{spec.name}@{candidate}", docs_dir=docs_dir)
+                label=f"{spec.name}@{candidate}", docs_dir=docs_dir,
+                earlier_ranges=state.int_ranges(spec.id_column) if append and state else None)
             version = _publish(store, spec, state, written, audit, object_key) if audit.success else None
             if not audit.success:  # failed here, or against what a concurrent writer committed first
                 _quarantine(store, spec, written, audit, candidate, docs_dir)
@@ -216,7 +218,7 @@ def _write(store: ObjectStore, spec: DatasetSpec, state: TableState | None, out:
     pafs = store.pyarrow_filesystem()
     hasher = ContentHash()
     writer: pq.ParquetWriter | None = None
-    part_rows, nulls = 0, {}
+    part_rows, nulls, bounds = 0, {}, None
     try:
         for _shown, table in prefetch(_hashed(read_source(store, spec), hasher)):
             if out.schema is None:
@@ -233,14 +235,16 @@ def _write(store: ObjectStore, spec: DatasetSpec, state: TableState | None, out:
                     writer = pq.ParquetWriter(store.path(f"{folder}/{name}"), table.schema, filesystem=pafs,
                                               use_dictionary=_dictionary_columns(spec, table.schema))
                     out.files.append(NewFile(path=name, size=0, rows=0))
-                    part_rows, nulls = 0, dict.fromkeys(table.schema.names, 0)
+                    part_rows, nulls, bounds = 0, dict.fromkeys(table.schema.names, 0), None
                 take = min(ROWS_PER_PART - part_rows, table.num_rows - offset)
                 piece = table.slice(offset, take)
                 writer.write_table(piece)
                 for col, values in zip(piece.column_names, piece.columns):
                     nulls[col] += values.null_count
+                bounds = int_bounds(piece.column(spec.id_column), bounds)
                 offset, part_rows, out.rows = offset + take, part_rows + take, out.rows + take
-                out.files[-1] = NewFile(path=out.files[-1].path, size=0, rows=part_rows, null_counts=dict(nulls))
+                out.files[-1] = NewFile(path=out.files[-1].path, size=0, rows=part_rows, null_counts=dict(nulls),
+                                        bounds={spec.id_column: bounds} if bounds else {})
                 if part_rows >= ROWS_PER_PART:
                     _close_behind(helpers, closing, writer)
                     writer = None
@@ -263,7 +267,7 @@ def _write(store: ObjectStore, spec: DatasetSpec, state: TableState | None, out:
     if out.rows == 0 or out.schema is None:
         raise LifecycleError(f"{spec.source}: empty file (no data rows)")
     sizes = store.filesystem().sizes([store.path(k) for k in out.keys(spec.name)])  # one batch of requests
-    out.files = [NewFile(f.path, size, f.rows, f.null_counts) for f, size in zip(out.files, sizes)]
+    out.files = [NewFile(f.path, size, f.rows, f.null_counts, f.bounds) for f, size in zip(out.files, sizes)]
     out.added_hash = hasher.hexdigest(str(out.schema).encode() + spec.name.encode())
 
 
@@ -307,7 +311,7 @@ def _publish(store: ObjectStore, spec: DatasetSpec, state: TableState | None, wr
         if attempt and state is not None and append:
             check_schema(state.schema, schema, spec.ingest.allow_new_columns, spec.source)
             since = [k for k, f in zip(state.keys(), state.files) if f not in audited]
-            duplicates = id_failures(store, spec, written.keys(spec.name), since)
+            duplicates = id_failures(store, spec, written.keys(spec.name), since, state.int_ranges(spec.id_column))
             rows = state.rows + written.rows
             labels = (state.labels or set()) | audit.labels if audit.labels is not None else None
             problems = table_failures(spec, rows, labels)

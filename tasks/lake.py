@@ -97,6 +97,7 @@ class TableState:
     commits: list[Commit]
     sizes: dict[str, int] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
+    actions: pa.Table | None = None  # the version's add actions, stats flattened (`min.<col>`, `max.<col>`)
 
     @property
     def head(self) -> Commit | None:
@@ -139,6 +140,21 @@ class TableState:
     def keys(self, files: list[str] | None = None) -> list[str]:
         return [f"{table_key(self.name)}/{f}" for f in (self.files if files is None else files)]
 
+    def int_ranges(self, column: str) -> dict[str, tuple[int, int]]:
+        """(min, max) of an integer column per file key, from the commit stats (files without them left out).
+
+        Integers only: writers may truncate string bounds (Spark keeps 32 characters), and a truncated
+        max would let a check skip a file that holds the value.
+        """
+        if self.actions is None or f"min.{column}" not in self.actions.column_names:
+            return {}
+        if not pa.types.is_integer(self.actions.schema.field(f"min.{column}").type):
+            return {}
+        lows, highs = self.actions.column(f"min.{column}").to_pylist(), self.actions.column(f"max.{column}").to_pylist()
+        paths = self.actions.column("path").to_pylist()
+        return {f"{table_key(self.name)}/{p}": (lo, hi) for p, lo, hi in zip(paths, lows, highs)
+                if lo is not None and hi is not None}
+
 
 def table_state(store: ObjectStore, name: str, version: int | None = None) -> TableState | None:
     """The table at `version` (else the latest) with its lifecycle commits; None when there is no table.
@@ -161,7 +177,7 @@ def table_state(store: ObjectStore, name: str, version: int | None = None) -> Ta
         counts = dict(zip(paths, [n or 0 for n in actions.column("num_records").to_pylist()]))
         schema = pa.schema(snapshot.schema().to_arrow())
     return TableState(name=name, table=snapshot, version=at, schema=schema, commits=commits, sizes=sizes,
-                      counts=counts)
+                      counts=counts, actions=actions)
 
 
 def chained_hash(previous: str | None, added: str) -> str:
@@ -177,6 +193,30 @@ class NewFile:
     size: int
     rows: int
     null_counts: dict[str, int] = field(default_factory=dict)
+    bounds: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # column → (min, max), for the stats
+
+    def stats(self) -> str:
+        """The Delta `stats` of the file: row and null counts, and min/max where known (readers prune by them)."""
+        stats: dict[str, Any] = {"numRecords": self.rows, "nullCount": self.null_counts}
+        if self.bounds:
+            stats["minValues"] = {c: lo for c, (lo, _) in self.bounds.items()}
+            stats["maxValues"] = {c: hi for c, (_, hi) in self.bounds.items()}
+        return json.dumps(stats)
+
+
+def int_bounds(values: pa.ChunkedArray, bounds: tuple[int, int] | None) -> tuple[int, int] | None:
+    """The running (min, max) of an integer column (None for other types or all nulls), for a file's stats.
+
+    Ingest keeps it for the id column: the audit's id check then skips earlier files whose range holds
+    none of a landing's ids, so an append of fresh ids reads no old ids at all.
+    """
+    import pyarrow.compute as pc
+
+    if not pa.types.is_integer(values.type) or values.null_count == len(values):
+        return bounds
+    found = pc.min_max(values)
+    lo, hi = found["min"].as_py(), found["max"].as_py()
+    return (lo, hi) if bounds is None else (min(bounds[0], lo), max(bounds[1], hi))
 
 
 def commit_files(store: ObjectStore, state: TableState | None, name: str, files: list[NewFile], schema: pa.Schema,
@@ -198,8 +238,7 @@ def commit_files(store: ObjectStore, state: TableState | None, name: str, files:
 
     now = int(time.time() * 1000)
     adds: list[AddAction | RemoveAction] = [
-        AddAction(f.path, f.size, {}, now, True, json.dumps({"numRecords": f.rows, "nullCount": f.null_counts}))
-        for f in files]
+        AddAction(f.path, f.size, {}, now, True, f.stats()) for f in files]
     props = CommitProperties(custom_metadata={f"{META}{k}": str(v) for k, v in metadata.items()}, max_commit_retries=0,
                              app_transactions=[Transaction(a, 1) for a in app_ids])
     with store.unreachable_as_error(table_key(name)):

@@ -258,3 +258,33 @@ def test_id_checks_read_only_ids_and_find_repeats_across_files_and_versions(lake
         f"1 id repeated across the new files, e.g. {ids[4]}", f"2 ids already in the table, e.g. {ids[1]}, {ids[2]} "
         "(a source that is a whole new snapshot needs `ingest: {mode: replace}` in the spec)"]
     assert id_failures(lake, sample_spec, new[:1], []) == []
+
+
+def test_an_append_of_fresh_ids_reads_no_earlier_ids_and_a_repeat_inside_a_range_is_still_found(
+        lake, sample_spec, tmp_path, monkeypatch):
+    """The files' id ranges are in the Delta stats; the audit reads an earlier file's ids only when its
+    range holds one of the landing's ids (a second reader sees the same stats)."""
+    import tasks.audit
+
+    frame = generate_tickets(300, seed=1)
+    first = tmp_path / "first.csv"
+    frame.to_csv(first, index=False)
+    ingest_dataset(lake, sample_spec.model_copy(update={"source": str(first)}))
+    state = table_state(lake, "tickets")
+    assert set(state.int_ranges("ticket_id").values()) == {(int(frame.ticket_id.min()), int(frame.ticket_id.max()))}
+
+    read: list[str] = []
+    real = tasks.audit._ids
+    monkeypatch.setattr(tasks.audit, "_ids", lambda store, key, col: read.append(key) or real(store, key, col))
+    fresh = generate_tickets(50, seed=2).assign(ticket_id=range(10_000, 10_050))
+    fresh.to_csv(tmp_path / "fresh.csv", index=False)
+    ingest_dataset(lake, sample_spec.model_copy(update={"source": str(tmp_path / "fresh.csv")}))
+    earlier = set(state.keys())
+    assert read and not earlier & set(read), read  # only the landing's own ids were read
+
+    read.clear()
+    repeat = fresh.assign(ticket_id=[20_000 + i for i in range(49)] + [int(frame.ticket_id.iloc[7])])
+    repeat.to_csv(tmp_path / "repeat.csv", index=False)
+    with pytest.raises(LandingQuarantined, match="1 id already in the table"):
+        ingest_dataset(lake, sample_spec.model_copy(update={"source": str(tmp_path / "repeat.csv")}))
+    assert earlier & set(read)
