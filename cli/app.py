@@ -19,6 +19,7 @@ import typer
 from rich.table import Table
 
 from cli.console import RichObserver, console, fail, filtered_stderr, prepare_env
+from cli.gc import gc
 from cli.models import promote, registered_fact, rollback, trained_fact
 from cli.server import notify, register, up
 from cli.stopping import ends_on_stop
@@ -376,6 +377,7 @@ app.command()(register)
 
 app.command()(promote)
 app.command()(rollback)
+app.command()(gc)
 
 
 def main() -> None:  # pragma: no cover - console entry point
