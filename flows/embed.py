@@ -18,7 +18,9 @@ def embed(spec: DatasetSpec, dataset: DatasetVersion, report: ValidationReport, 
           compute: DaskCompute) -> EmbeddingSet:
     """Embed the text column on the compute target; unchanged inputs return the stored record.
 
-    Rows of the previous embedding set whose id and text are unchanged are copied, not re-encoded.
+    An append version extends the previous embedding set: only the added files' rows are encoded and
+    the earlier parts are referenced. Otherwise rows of the previous set whose id and text are
+    unchanged are copied, not re-encoded.
     """
     return produce(STAGE, Call(spec, store, {"dataset": dataset, "validation": report}, (compute,)))
 

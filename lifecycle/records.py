@@ -128,9 +128,15 @@ class EmbeddingSet(Record):
     model: str
     dim: int
     rows: int
-    parts: list[str]
+    parts: list[str] = Field(..., description="Vector Parquet files in dataset row order; an append's set starts "
+                             "with the parts of the set it extends (referenced, not copied).")
     encoded_rows: int = Field(..., description="Rows encoded by this run (others reused).")
     seconds: float = 0.0
+    part_rows: list[int] = Field(default_factory=list, description="Rows of each part (empty: not recorded).")
+    dataset_parts: list[str] = Field(
+        default_factory=list, description="The dataset files the set covers, in order: how a later append is seen.")
+    vectors_key: str = Field("", description="Hash of what decides a vector (model, encoding, text column, cut).")
+    extends: str | None = Field(None, description="The earlier set whose parts this one starts with (an append).")
 
 
 class IndexVersion(Record):
@@ -151,6 +157,14 @@ class IndexVersion(Record):
     recall_at_k: float
     p50_ms: float
     p95_ms: float
+    write: Literal["overwrite", "merge_insert"] = Field(
+        "overwrite", description="How the rows entered this table version: all rewritten, or the new ones merged.")
+    added_rows: int = Field(0, description="Rows this table version added (all rows for an overwrite).")
+    index_action: Literal["built", "extended", "rebuilt", "exact"] = Field(
+        "built", description="built: the ladder on a fresh table; extended: new rows merged into the earlier "
+        "index; rebuilt: the ladder again on a grown table; exact: no ANN index.")
+    index_reason: str = Field("", description="Why this index action was taken.")
+    trained_rows: int = Field(0, description="Rows the ANN index was trained on (its last build); 0 when exact.")
 
 
 class TrainedModel(Record):

@@ -120,6 +120,9 @@ class IndexConfig(BaseModel):
     target_recall: float = Field(0.95, gt=0, le=1)
     recall_sample: int = Field(100, ge=1, description="Queries drawn from the data to measure recall@k.")
     k: int = Field(10, ge=1)
+    rebuild_unindexed_fraction: float = Field(
+        0.2, gt=0, le=1, description="An append merges its rows into the existing ANN index until the share of "
+        "rows the index was not trained on exceeds this; then the index is rebuilt (also when recall drops).")
     metadata_columns: list[str] = Field(
         default_factory=list, description="Columns stored beside the vectors (default: label + categoricals)."
     )

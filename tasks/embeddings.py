@@ -13,6 +13,13 @@ Why this shape:
   (id matches) with the old hash and location; the worker, which has the new text, keeps those whose
   hash also matches. Each unit reports how many rows it actually encoded, so `encoded_rows` in the
   record is a count of real encoder work that holds across processes.
+- Appends: Delta files are immutable, so when the dataset files an earlier set covered are the first
+  files of this version (an `append` commit, or several), those rows and their vectors are the same.
+  The new set then lists the earlier set's parts as its own first parts (referenced, not copied) and
+  embeds only the files added since. Ids of an append are new by contract (the ingest audit refuses
+  ids of earlier versions), so its rows are encoded without a look-up in the earlier set; a set whose
+  vectors were made differently (model, encoding, text column, `max_chars`: `vectors_key`) is not
+  extended. Anything else (a replace, files removed) takes the reuse path above.
 """
 
 from __future__ import annotations
@@ -56,6 +63,22 @@ def embedding_set_id(spec: DatasetSpec, dataset: DatasetVersion) -> str:
 
 def _code() -> str:
     return code_version(sys.modules[__name__], encoder)
+
+
+def vectors_key(spec: DatasetSpec) -> str:
+    """What decides a row's vector besides its text: sets with equal keys can share parts."""
+    return stable_hash(MODEL_NAME, encoder.ENCODING_VERSION, EMBED_DIM, spec.id_column, spec.text_column,
+                       spec.embed.max_chars)
+
+
+def appended_parts(spec: DatasetSpec, dataset: DatasetVersion, previous: EmbeddingSet | None) -> list[str] | None:
+    """The dataset files added since `previous` was embedded, when this version only appended to it."""
+    if previous is None or not previous.dataset_parts or previous.vectors_key != vectors_key(spec):
+        return None
+    n = len(previous.dataset_parts)
+    if dataset.parts[:n] != previous.dataset_parts or len(dataset.parts) == n or dataset.rows <= previous.rows:
+        return None
+    return dataset.parts[n:]
 
 
 def set_prefix(dataset: str, set_id: str) -> str:
@@ -145,8 +168,8 @@ def _previous_rows(store: ObjectStore, previous: EmbeddingSet | None) -> pd.Data
 
 
 def plan_units(store: ObjectStore, spec: DatasetSpec, dataset: DatasetVersion, set_id: str,
-               previous: EmbeddingSet | None = None) -> list[WorkUnit]:
-    """Split the dataset into units of ~rows_per_task rows, each with its reuse candidates.
+               previous: EmbeddingSet | None = None, parts: list[str] | None = None) -> list[WorkUnit]:
+    """Split the dataset (or `parts` of it) into units of ~rows_per_task rows, each with its reuse candidates.
 
     Only the id column is read here (8 bytes a row for int ids), never the text or vectors.
     """
@@ -155,7 +178,7 @@ def plan_units(store: ObjectStore, spec: DatasetSpec, dataset: DatasetVersion, s
     step = spec.embed.rows_per_task
     prefix = set_prefix(spec.name, set_id)
     units: list[WorkUnit] = []
-    for part in dataset.parts:
+    for part in dataset.parts if parts is None else parts:
         ids = pq.read_table(store.path(part), filesystem=pafs, columns=[spec.id_column]).column(0).to_pandas()
         for start in range(0, len(ids), step):
             stop = min(start + step, len(ids))
@@ -250,7 +273,8 @@ def embed_dataset(store: ObjectStore, spec: DatasetSpec, dataset: DatasetVersion
     """Embed a dataset version's text column on the compute target and return its EmbeddingSet.
 
     Args:
-        previous: An earlier set of the same dataset whose unchanged rows are copied, not re-encoded.
+        previous: An earlier set of the same dataset: extended when this version appended to its rows,
+            else its unchanged rows are copied, not re-encoded.
         inputs: Lineage for the record (the flow adds the validation report).
         progress: Called with (rows done, rows total) as units finish.
 
@@ -266,20 +290,55 @@ def embed_dataset(store: ObjectStore, spec: DatasetSpec, dataset: DatasetVersion
     set_id = embedding_set_id(spec, dataset)
     if previous is not None and previous.id == set_id:
         previous = None
+    record = None
+    added = appended_parts(spec, dataset, previous)
+    if previous is not None and added is not None:
+        record = _embed_append(store, spec, dataset, compute, previous, added, set_id, progress)
+    if record is None:
+        record = _embed_all(store, spec, dataset, compute, previous, set_id, progress)
+    record.inputs = {"dataset": dataset.id, **(inputs or {}), **record.inputs}
+    record.seconds = round(time.perf_counter() - began, 3)
+    return record
+
+
+def _new_set(spec: DatasetSpec, dataset: DatasetVersion, set_id: str, parts: list[str], rows: int, encoded: int,
+             extends: EmbeddingSet | None = None, reused: EmbeddingSet | None = None) -> EmbeddingSet:
+    return EmbeddingSet(
+        id=set_id, dataset=spec.name, code_version=_code(),
+        inputs={"reused_embeddings": reused.id} if reused is not None else {},
+        dataset_version=dataset.id, model=MODEL_NAME, dim=EMBED_DIM, rows=rows, parts=parts, encoded_rows=encoded,
+        dataset_parts=list(dataset.parts), vectors_key=vectors_key(spec), extends=extends.id if extends else None,
+    )
+
+
+def _options(spec: DatasetSpec, compute: DaskCompute, previous: EmbeddingSet | None) -> EncodeOptions:
+    return EncodeOptions(spec.id_column, spec.text_column or "", spec.embed.max_chars, spec.embed.batch_size,
+                         compute.resolved_device, tuple(previous.parts) if previous else ())
+
+
+def _embed_all(store: ObjectStore, spec: DatasetSpec, dataset: DatasetVersion, compute: DaskCompute,
+               previous: EmbeddingSet | None, set_id: str, progress: Progress | None) -> EmbeddingSet:
+    """Every row of the version: unchanged (id, text) of `previous` copied, the rest encoded."""
     store.delete(set_prefix(spec.name, set_id))  # leftovers of a failed run of this very set
     units = plan_units(store, spec, dataset, set_id, previous)
-    opts = EncodeOptions(spec.id_column, spec.text_column, spec.embed.max_chars, spec.embed.batch_size,
-                         compute.resolved_device, tuple(previous.parts) if previous else ())
-    results = run_units(compute, units, store, opts, progress, name=set_id)
+    results = run_units(compute, units, store, _options(spec, compute, previous), progress, name=set_id)
     encoded = sum(r.encoded for r in results)
-    lineage = {"dataset": dataset.id, **(inputs or {})}
-    if previous is not None and encoded < dataset.rows:
-        lineage["reused_embeddings"] = previous.id
-    return EmbeddingSet(
-        id=set_id, dataset=spec.name, code_version=_code(), inputs=lineage,
-        dataset_version=dataset.id, model=MODEL_NAME, dim=EMBED_DIM, rows=sum(r.rows for r in results),
-        parts=[r.key for r in results], encoded_rows=encoded, seconds=round(time.perf_counter() - began, 3),
-    )
+    reused = previous if previous is not None and encoded < dataset.rows else None
+    return _new_set(spec, dataset, set_id, [r.key for r in results], sum(r.rows for r in results), encoded,
+                    reused=reused)
+
+
+def _embed_append(store: ObjectStore, spec: DatasetSpec, dataset: DatasetVersion, compute: DaskCompute,
+                  previous: EmbeddingSet, added: list[str], set_id: str,
+                  progress: Progress | None) -> EmbeddingSet | None:
+    """Only the files added since `previous`; None when the rows do not add up (then everything is embedded)."""
+    store.delete(set_prefix(spec.name, set_id))
+    units = plan_units(store, spec, dataset, set_id, parts=added)
+    if previous.rows + sum(u.rows for u in units) != dataset.rows:
+        return None
+    results = run_units(compute, units, store, _options(spec, compute, None), progress, name=set_id)
+    return _new_set(spec, dataset, set_id, [*previous.parts, *(r.key for r in results)], dataset.rows,
+                    sum(r.encoded for r in results), extends=previous, reused=previous)
 
 
 def read_embeddings(store: ObjectStore, embeddings: EmbeddingSet, columns: list[str] | None = None) -> pa.Table:

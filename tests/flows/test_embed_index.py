@@ -51,3 +51,30 @@ def test_embed_refuses_a_quarantined_version(lake, sample_spec, dataset_version,
     with pytest.raises(QuarantinedError, match="quarantined"):
         embed(sample_spec, dataset_version, _report(dataset_version, success=False), lake, local_compute)
     assert latest_record(lake, EmbeddingSet, "tickets") is None
+
+
+def test_an_appended_version_flows_through_embed_and_index_as_new_work(lake, sample_spec, dataset_version,
+                                                                      local_compute, tmp_path):
+    import numpy as np
+
+    from lifecycle.sample import generate_tickets
+    from tasks.ingest import ingest_dataset, read_dataset
+
+    save_record(lake, dataset_version)
+    vectors = VectorStore(uri=str(tmp_path / "lancedb"))
+    first = embed(sample_spec, dataset_version, _report(dataset_version), lake, local_compute)
+    built = index(sample_spec, first, lake, vectors)
+    landing = tmp_path / "landing.csv"
+    columns = read_dataset(lake, dataset_version).columns
+    generate_tickets(40, seed=11).assign(ticket_id=np.arange(5001, 5041))[columns].to_csv(landing, index=False)
+    grown = ingest_dataset(lake, sample_spec.model_copy(update={"source": str(landing)}))
+    save_record(lake, grown)
+    second = embed(sample_spec, grown, _report(grown), lake, local_compute)
+    assert (second.rows, second.encoded_rows, second.extends) == (640, 40, first.id)
+    extended = index(sample_spec, second, lake, vectors)
+    assert (extended.write, extended.added_rows, extended.rows, extended.index_action) == ("merge_insert", 40, 640,
+                                                                                         "exact")
+    assert extended.recall_at_k == 1.0 and extended.table_version > built.table_version
+    old = vectors.connect().open_table("tickets")
+    old.checkout(built.tag)
+    assert old.count_rows() == 600

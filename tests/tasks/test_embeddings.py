@@ -189,3 +189,30 @@ def test_embed_needs_a_text_column(first, local_compute):
     store, spec, dataset, _ = first
     with pytest.raises(LifecycleError, match="text_column"):
         embed_dataset(store, spec.model_copy(update={"text_column": None}), dataset, local_compute)
+
+
+def test_an_append_encodes_only_its_rows_and_references_the_earlier_parts(first, local_compute, tmp_path):
+    store, spec, dataset, record = first
+    grown_table = ObjectStore(url=f"file://{tmp_path / 'lake'}")  # a table of its own: v0 = the sample, v1 = +50
+    base = ingest_dataset(grown_table, spec)
+    base_set = embed_dataset(grown_table, spec, base, local_compute)
+    extra = generate_tickets(50, seed=7).assign(ticket_id=np.arange(1001, 1051))
+    path = tmp_path / "landing.csv"
+    extra[read_dataset(store, dataset).columns].to_csv(path, index=False)
+    appended = ingest_dataset(grown_table, spec.model_copy(update={"source": str(path)}))  # ingest.mode: append
+    assert appended.parts[:len(base.parts)] == base.parts and appended.rows == 650
+    before = _worker_texts_encoded(local_compute)
+    second = embed_dataset(grown_table, spec, appended, local_compute, previous=base_set)
+    assert _worker_texts_encoded(local_compute) - before == 50  # the encoder saw the appended rows only
+    assert (second.rows, second.encoded_rows, second.extends) == (650, 50, base_set.id)
+    assert second.parts[:3] == base_set.parts  # referenced, not copied
+    assert second.parts[3:] == [f"embeddings/tickets/{second.id}/part-00000.parquet"]
+    assert sorted(grown_table.list_keys(f"embeddings/tickets/{second.id}")) == second.parts[3:]
+    table = read_embeddings(grown_table, second)
+    assert table.column("id").to_pylist() == read_dataset(grown_table, appended)["ticket_id"].tolist()
+    np.testing.assert_allclose(_vectors_by_id(grown_table, second)[1050], encode([extra["text"].iloc[-1]])[0],
+                               atol=1e-4)
+    # Made with another cut of the texts, the earlier set's vectors do not fit: every row is embedded.
+    shorter = spec.model_copy(update={"embed": spec.embed.model_copy(update={"max_chars": 500})})
+    third = embed_dataset(grown_table, shorter, appended, local_compute, previous=base_set)
+    assert third.extends is None and all(k.startswith(f"embeddings/tickets/{third.id}/") for k in third.parts)

@@ -16,15 +16,8 @@ from lifecycle.sample import SAMPLE_SPEC
 from lifecycle.search import Searcher
 from lifecycle.spec import DatasetSpec
 from tasks.embeddings import vectors_to_arrow
-from tasks.lancedb_index import (
-    ANN_LADDER,
-    build_index,
-    exact_neighbours,
-    index_config,
-    index_markdown,
-    metadata_columns,
-    recall_at_k,
-)
+from tasks.index_recall import RecallSet, exact_neighbours, index_config, recall_at_k
+from tasks.lancedb_index import ANN_LADDER, build_index, dataset_tag, index_markdown, metadata_columns
 from tasks.records import save_record
 
 DIM = 384
@@ -101,7 +94,8 @@ def _write_synthetic(store: ObjectStore, rows: int = 5000, name: str = "synth", 
     if shuffle_parts:
         parts = parts[::-1]
     embeddings = EmbeddingSet(id="e1", dataset=name, dataset_version="v1", model="synthetic", dim=DIM, rows=rows,
-                              parts=parts, encoded_rows=rows)
+                              parts=parts, encoded_rows=rows, dataset_parts=[key])
+    save_record(store, embeddings)
     return embeddings, vectors, ids
 
 
@@ -157,3 +151,81 @@ def test_small_sets_stay_exact_and_misaligned_embeddings_are_refused(lake, vecto
     spec = _spec().model_copy(update={"name": "shuffled"})
     with pytest.raises(LifecycleError, match="do not line up"):
         build_index(lake, spec, shuffled, vectors_store)
+
+
+def test_carried_truth_equals_truth_over_all_rows():
+    rng = np.random.default_rng(3)
+    vectors = rng.normal(size=(400, 8)).astype(np.float32)
+    ids = list(range(400))
+    chunks = [(ids[s:s + 100], vectors[s:s + 100]) for s in range(0, 400, 100)]
+    carried = RecallSet.empty([5, 50], vectors[[5, 50]], k=4).add(chunks[:3])  # the earlier version
+    carried.add(chunks[3:])  # then only the appended rows
+    assert carried.truth() == exact_neighbours(iter(chunks), vectors[[5, 50]], k=4, exclude=[5, 50])
+    assert carried.rows == 400
+
+
+def _append(store: ObjectStore, base: EmbeddingSet, rows: int, version: str, seed: int = 5,
+            replace: bool = False) -> EmbeddingSet:
+    """A version that appends `rows` clustered rows: one more dataset file, the earlier parts + one new part
+    (`replace`: the new file and part alone)."""
+    rng = np.random.default_rng(seed)
+    centers = np.random.default_rng(0).normal(size=(50, DIM)).astype(np.float32)
+    cluster = rng.integers(0, 50, rows)
+    vectors = (centers[cluster] + 0.3 * rng.normal(size=(rows, DIM))).astype(np.float32)
+    start = 10_000 + base.rows
+    ids = np.arange(start, start + rows, dtype=np.int64)
+    before = DatasetVersion.model_validate_json(store.read_bytes(f"records/dataset/{base.dataset_version}.json"))
+    key = f"datasets/synth/{version}/part-00000.parquet"
+    _put(store, key, pa.table({"rid": ids, "label": [f"c{c % 4}" for c in cluster], "score": rng.normal(size=rows),
+                               "channel": rng.choice(["chat", "email"], rows), "body": [f"row {i}" for i in ids]}))
+    keep = [] if replace else before.parts
+    total = rows + (0 if replace else before.rows)
+    dataset = before.model_copy(update={"id": version, "parts": [*keep, key], "rows": total})
+    save_record(store, dataset)
+    part = f"embeddings/synth/e-{version}/part-00000.parquet"
+    _put(store, part, pa.table({"id": ids, "vector": vectors_to_arrow(vectors)}))
+    emb = base.model_copy(update={"id": f"e-{version}", "dataset_version": version, "rows": dataset.rows,
+                                  "parts": [*([] if replace else base.parts), part], "dataset_parts": dataset.parts,
+                                  "encoded_rows": rows})
+    save_record(store, emb)
+    return emb
+
+
+def test_an_append_is_merged_and_extends_the_index_old_tags_keep_old_rows(lake, vectors_store):
+    embeddings, _, _ = _write_synthetic(lake)
+    spec = _spec(ann_min_rows=1000, target_recall=0.9, recall_sample=40, k=10)
+    first = build_index(lake, spec, embeddings, vectors_store)
+    assert (first.write, first.index_action, first.trained_rows) == ("overwrite", "built", 5000)
+    grown = _append(lake, embeddings, 200, "v2")
+    second = build_index(lake, spec, grown, vectors_store, previous=first)
+    assert (second.write, second.added_rows, second.rows) == ("merge_insert", 200, 5200)
+    assert (second.index_action, second.index_type, second.trained_rows) == ("extended", first.index_type, 5000)
+    assert second.recall_at_k >= 0.9 and second.index_params["tried"][-1]["build"] == "extended"
+    assert second.table_version > first.table_version
+    table = vectors_store.connect().open_table("synth")
+    assert [(i.num_indexed_rows, i.num_unindexed_rows) for i in table.list_indices()] == [(5200, 0)]
+    old = vectors_store.connect().open_table("synth")
+    old.checkout(dataset_tag("v1"))
+    assert old.count_rows() == 5000 and table.count_rows() == 5200
+    assert old.search().where("id >= 15000").to_arrow().num_rows == 0
+    new = vectors_store.connect().open_table("synth")
+    new.checkout(second.tag)
+    assert new.search().where("id >= 15000").limit(None).to_arrow().num_rows == 200
+    # 30 % more rows than the index was trained on: the ladder again, on the whole table.
+    third = build_index(lake, spec, _append(lake, grown, 2300, "v3", seed=6), vectors_store, previous=second)
+    assert (third.write, third.index_action, third.trained_rows, third.rows) == ("merge_insert", "rebuilt", 7500, 7500)
+    assert "newer than the index" in third.index_reason and third.recall_at_k >= 0.9
+
+
+def test_a_replace_version_overwrites_and_small_appends_stay_exact(lake, vectors_store):
+    embeddings, _, _ = _write_synthetic(lake, rows=1500)
+    spec = _spec(recall_sample=20)
+    first = build_index(lake, spec, embeddings, vectors_store)
+    grown = _append(lake, embeddings, 100, "v2")
+    second = build_index(lake, spec, grown, vectors_store, previous=first)
+    assert (second.write, second.index_action, second.recall_at_k, second.rows) == ("merge_insert", "exact", 1.0, 1600)
+    third = build_index(lake, spec, _append(lake, grown, 300, "v3", replace=True), vectors_store, previous=second)
+    assert (third.write, third.rows, third.added_rows) == ("overwrite", 300, 300)
+    assert "not an append" in third.index_reason
+    stale = build_index(lake, spec, _append(lake, grown, 50, "v4"), vectors_store, previous=second)
+    assert stale.write == "overwrite" and "moved on" in stale.index_reason  # the table is at `third` now
