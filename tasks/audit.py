@@ -82,40 +82,68 @@ def id_failures(store: ObjectStore, spec: DatasetSpec, new: list[str], earlier: 
                 ranges: dict[str, tuple[int, int]] | None = None) -> list[str]:
     """Details of ids that are not unique across the new files or already in an earlier file.
 
-    Reads the id column only. The new ids are sorted once (a hash set costs ~75 bytes an id, the sorted
-    array 8); each earlier file's ids are then looked up in them by binary search, one file at a time:
-    memory is the new ids plus one earlier file's, never the table's. An earlier file whose (min, max)
-    id range (`ranges`, from the Delta stats) holds none of the new ids is not read at all: appending
-    1 % of fresh ids to a 10M-row table otherwise spent most of its audit reading old ids.
+    Reads the id column only. `ranges` holds the (min, max) id of files where known (the Delta stats of
+    committed files, the writer's bounds of new ones), and two things follow from it:
+    - New files are checked in groups whose ranges overlap (every file its own group for ids that grow,
+      as generated or time-ordered ids do); uniqueness inside one file is the GX suite's. Memory is the
+      ids of one group plus one earlier file's, never the landing's or the table's: a 5 GB landing's
+      54M ids held at once were most of its ingest's peak memory.
+    - An earlier file whose range holds none of a group's ids is not read for it: appending 1 % of fresh
+      ids to a 10M-row table otherwise spent most of its audit reading old ids.
+    Within a group the ids are sorted once (a hash set costs ~75 bytes an id, the sorted array 8) and
+    each earlier file's ids looked up in them by binary search.
     """
-    ids = np.sort(np.concatenate([_ids(store, k, spec.id_column) for k in new]) if new else np.array([], "int64"))
-    same = ids[1:] == ids[:-1]
-    details = []
-    if len(new) > 1 and same.any():
-        repeated = np.unique(ids[1:][same])
-        details.append(f"{len(repeated)} id{'s' if len(repeated) != 1 else ''} repeated across the new "
-                       f"files{_examples(repeated)}")
-    unique = ids[np.concatenate(([True], ~same))] if len(ids) else ids
-    del ids, same
-    seen, found = 0, np.array([], dtype=unique.dtype)
     ranges = ranges or {}
-    for key in earlier:
-        if key in ranges and len(unique) and unique.dtype != object:
-            lo, hi = ranges[key]
-            if np.searchsorted(unique, lo, "left") == np.searchsorted(unique, hi, "right"):
-                continue
-        old = _ids(store, key, spec.id_column)
-        if len(unique) == 0 or len(old) == 0 or (old.dtype == object) != (unique.dtype == object):
-            continue  # a changed id type is refused by the schema check before any audit
-        at = np.minimum(np.searchsorted(unique, old), len(unique) - 1)
-        hits = old[unique[at] == old]
-        seen += len(hits)
-        if len(found) < EXAMPLES:
-            found = np.concatenate([found, hits[:EXAMPLES]])
+    repeated_n, repeated_ex, seen, found = 0, np.array([], dtype=object), 0, np.array([], dtype=object)
+    for group in _overlapping(new, ranges, earlier):
+        ids = np.sort(np.concatenate([_ids(store, k, spec.id_column) for k in group]))
+        same = ids[1:] == ids[:-1]
+        if len(group) > 1 and same.any():
+            repeated = np.unique(ids[1:][same])
+            repeated_n, repeated_ex = repeated_n + len(repeated), np.concatenate([repeated_ex, repeated[:EXAMPLES]])
+        unique = ids[np.concatenate(([True], ~same))] if len(ids) else ids
+        del ids, same
+        for key in earlier:
+            if key in ranges and len(unique) and unique.dtype != object:
+                lo, hi = ranges[key]
+                if np.searchsorted(unique, lo, "left") == np.searchsorted(unique, hi, "right"):
+                    continue
+            old = _ids(store, key, spec.id_column)
+            if len(unique) == 0 or len(old) == 0 or (old.dtype == object) != (unique.dtype == object):
+                continue  # a changed id type is refused by the schema check before any audit
+            at = np.minimum(np.searchsorted(unique, old), len(unique) - 1)
+            hits = old[unique[at] == old]
+            seen += len(hits)
+            if len(found) < EXAMPLES:
+                found = np.concatenate([found, hits[:EXAMPLES]])
+    details = []
+    if repeated_n:
+        details.append(f"{repeated_n} id{'s' if repeated_n != 1 else ''} repeated across the new "
+                       f"files{_examples(np.sort(repeated_ex))}")
     if seen:
         details.append(f"{seen} id{'s' if seen != 1 else ''} already in the table{_examples(found)} "
                        "(a source that is a whole new snapshot needs `ingest: {mode: replace}` in the spec)")
     return details
+
+
+def _overlapping(new: list[str], ranges: dict[str, tuple[int, int]], earlier: list[str]) -> list[list[str]]:
+    """The new files in groups whose id ranges overlap, in file order; one group when a range is unknown
+    (a new file's, or an earlier file's: each earlier file would then be read once per group)."""
+    if not new:
+        return []
+    if any(k not in ranges for k in new) or any(k not in ranges for k in earlier):
+        return [list(new)]
+    groups: list[list[str]] = []
+    top = None
+    for key in sorted(new, key=lambda k: ranges[k]):
+        lo, hi = ranges[key]
+        if top is None or lo > top:
+            groups.append([key])
+            top = hi
+        else:
+            groups[-1].append(key)
+            top = max(top, hi)
+    return groups
 
 
 def labels_of(store: ObjectStore, spec: DatasetSpec, keys: list[str]) -> set[str]:
@@ -127,7 +155,7 @@ def labels_of(store: ObjectStore, spec: DatasetSpec, keys: list[str]) -> set[str
 
 def audit_files(store: ObjectStore, spec: DatasetSpec, new: list[str], earlier: list[str], *, earlier_rows: int,
                 earlier_labels: set[str] | None, label: str, docs_dir: str,
-                earlier_ranges: dict[str, tuple[int, int]] | None = None) -> Audit:
+                id_ranges: dict[str, tuple[int, int]] | None = None) -> Audit:
     """Validate new files (GX per file, Data Docs into `docs_dir`) and the table they would make.
 
     Args:
@@ -135,7 +163,7 @@ def audit_files(store: ObjectStore, spec: DatasetSpec, new: list[str], earlier: 
         earlier_rows: the table's rows before them; earlier_labels: its label set (None: read it from
             the earlier files' label column).
         label: the name the Data Docs pages carry (`<dataset>@<id>`).
-        earlier_ranges: the earlier files' id ranges, where the table's stats have them (`id_failures`).
+        id_ranges: (min, max) id of new and earlier files, where known (`id_failures`).
     """
     expectations = file_expectations(spec)
     by_check: dict[tuple[str, str | None], list[FailedExpectation]] = {}
@@ -152,7 +180,7 @@ def audit_files(store: ObjectStore, spec: DatasetSpec, new: list[str], earlier: 
             by_check.setdefault((f.expectation, f.column), []).append(f)
     failed = [_merged(found) for found in by_check.values()]
 
-    duplicates = id_failures(store, spec, new, earlier, earlier_ranges)
+    duplicates = id_failures(store, spec, new, earlier, id_ranges)
     if duplicates:
         same = next((f for f in failed if (f.expectation, f.column) == (UNIQUE, spec.id_column)), None)
         if same is None:

@@ -108,6 +108,12 @@ class Written:
     def keys(self, name: str) -> list[str]:
         return [f"{table_key(name)}/{f.path}" for f in self.files]
 
+    def id_ranges(self, spec: DatasetSpec, state: TableState | None) -> dict[str, tuple[int, int]]:
+        """(min, max) id of these files and of the table's (from its stats), where known: the audit's groups."""
+        col = spec.id_column
+        mine = {k: f.bounds[col] for k, f in zip(self.keys(spec.name), self.files) if col in f.bounds}
+        return {**(state.int_ranges(spec.id_column) if state is not None else {}), **mine}
+
 
 def app_id(kind: str, key: str, base: int) -> str:
     """A Delta app-transaction id, scoped to the rows since the last overwrite (`base`)."""
@@ -154,7 +160,7 @@ def _ingest(store: ObjectStore, spec: DatasetSpec, log=None) -> DatasetVersion:
                 earlier_rows=state.rows if append and state else 0,
                 earlier_labels=(state.labels if append and state else set()),
                 label=f"{spec.name}@{candidate}", docs_dir=docs_dir,
-                earlier_ranges=state.int_ranges(spec.id_column) if append and state else None)
+                id_ranges=written.id_ranges(spec, state if append else None))
             version = _publish(store, spec, state, written, audit, object_key) if audit.success else None
             if not audit.success:  # failed here, or against what a concurrent writer committed first
                 _quarantine(store, spec, written, audit, candidate, docs_dir)
@@ -311,7 +317,7 @@ def _publish(store: ObjectStore, spec: DatasetSpec, state: TableState | None, wr
         if attempt and state is not None and append:
             check_schema(state.schema, schema, spec.ingest.allow_new_columns, spec.source)
             since = [k for k, f in zip(state.keys(), state.files) if f not in audited]
-            duplicates = id_failures(store, spec, written.keys(spec.name), since, state.int_ranges(spec.id_column))
+            duplicates = id_failures(store, spec, written.keys(spec.name), since, written.id_ranges(spec, state))
             rows = state.rows + written.rows
             labels = (state.labels or set()) | audit.labels if audit.labels is not None else None
             problems = table_failures(spec, rows, labels)

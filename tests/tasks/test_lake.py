@@ -288,3 +288,33 @@ def test_an_append_of_fresh_ids_reads_no_earlier_ids_and_a_repeat_inside_a_range
     with pytest.raises(LandingQuarantined, match="1 id already in the table"):
         ingest_dataset(lake, sample_spec.model_copy(update={"source": str(tmp_path / "repeat.csv")}))
     assert earlier & set(read)
+
+
+def test_new_files_are_checked_in_groups_of_overlapping_id_ranges(lake, sample_spec, monkeypatch):
+    """With every file's id range known, a repeat across overlapping new files and one already in the
+    table are still found, files whose ranges are apart are checked apart, and an earlier file is read
+    only for the group whose range reaches it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import tasks.audit
+    from tasks.audit import _overlapping, id_failures
+
+    def put(key, values):
+        lake.filesystem().makedirs(lake.path("g"), exist_ok=True)
+        pq.write_table(pa.table({"ticket_id": values}), lake.path(key))
+        return key, (min(values), max(values))
+
+    ranges = dict([put("g/old.parquet", [1, 2, 3]), put("g/a.parquet", [10, 12, 14]),
+                   put("g/b.parquet", [13, 14, 16]), put("g/c.parquet", [20, 21, 2]), put("g/d.parquet", [30, 31, 32])])
+    new, earlier = ["g/a.parquet", "g/b.parquet", "g/c.parquet", "g/d.parquet"], ["g/old.parquet"]
+    assert _overlapping(new, ranges, earlier) == [["g/c.parquet", "g/a.parquet", "g/b.parquet"], ["g/d.parquet"]]
+    assert _overlapping(new, {k: v for k, v in ranges.items() if k != "g/old.parquet"}, earlier) == [new]
+
+    read: list[str] = []
+    real = tasks.audit._ids
+    monkeypatch.setattr(tasks.audit, "_ids", lambda store, key, col: read.append(key) or real(store, key, col))
+    assert id_failures(lake, sample_spec, new, earlier, ranges) == [
+        "1 id repeated across the new files, e.g. 14", "1 id already in the table, e.g. 2 "
+        "(a source that is a whole new snapshot needs `ingest: {mode: replace}` in the spec)"]
+    assert read.count("g/old.parquet") == 1
