@@ -7,6 +7,8 @@ codes typed `c` for XGBoost's native categorical splits; unseen levels and nulls
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel, Field
@@ -31,11 +33,19 @@ class FeatureSchema(BaseModel):
     text_max_chars: int = Field(2000, ge=1, description="Texts are cut to this length before encoding "
                                 "(spec embed.max_chars); serving must cut requests alike.")
     classes: list[str] = Field(default_factory=list, description="Label classes in index order.")
+    family: Literal["xgboost", "linear"] = Field(
+        "xgboost", description="The model family, and so the model file served beside this schema.")
+    raw_text: bool = Field(False, description="The model reads the text column itself (the linear model's TF-IDF).")
+
+    @property
+    def reads_text(self) -> bool:
+        """Whether requests must carry the text column (embedded, or read as TF-IDF)."""
+        return bool(self.text_column) and (bool(self.embedding_dim) or self.raw_text)
 
     @property
     def input_columns(self) -> list[str]:
         cols = [*self.numeric, *self.categorical]
-        return cols + ([self.text_column] if self.embedding_dim and self.text_column else [])
+        return cols + ([self.text_column] if self.reads_text and self.text_column else [])
 
     @property
     def feature_names(self) -> list[str]:

@@ -185,6 +185,11 @@ class TrainedModel(Record):
         default_factory=dict, description="The linear baseline's holdout metrics (same split, same run).")
     baseline: str = Field("", description="What the baseline was fit on (features, rows, id-hash sample).")
     layout: str = Field("", description="Training layout: single (one worker) or distributed.")
+    family: Literal["xgboost", "linear"] = Field(
+        "xgboost", description="The model family registered (`metrics` are its own): train.model, or auto's pick.")
+    family_reason: str = Field("", description="Why this family: forced by train.model, or auto's comparison.")
+    xgboost_metrics: dict[str, float] = Field(
+        default_factory=dict, description="The xgboost model's holdout metrics, whichever family is registered.")
 
 
 class ModelVersion(Record):
@@ -206,7 +211,9 @@ class ModelVersion(Record):
     champion_value: float | None = None
     baseline_value: float | None = Field(None, description="The baseline's value of `metric` on the same holdout.")
     beats_baseline: bool | None = Field(None, description="Whether the model beats it by train.baseline_margin.")
-    baseline_verdict: str = Field("", description='"beats baseline by X" or "does not beat baseline (X vs Y)".')
+    baseline_verdict: str = Field("", description='"beats baseline by X", "does not beat baseline (X vs Y)", '
+                                  'or "is the baseline (…)" for a linear model.')
+    family: Literal["xgboost", "linear"] = Field("xgboost", description="The registered model's family.")
 
 
 class PromotionAudit(Record):

@@ -65,7 +65,7 @@ class SplitConfig(BaseModel):
 
 
 class TrainConfig(BaseModel):
-    """XGBoost parameters and the promotion rule."""
+    """The model family, XGBoost parameters and the promotion rule."""
 
     model_config = ConfigDict(extra="forbid")
     num_boost_round: int = Field(100, ge=1, le=100_000)
@@ -81,14 +81,14 @@ class TrainConfig(BaseModel):
     promotion_margin: float = Field(
         0.0, ge=0, description="How much better than the champion a challenger must be to be promoted."
     )
-    model: Literal["xgboost"] = Field(
-        "xgboost", description="Model family. Only xgboost for now: `linear` and `auto` (register whichever "
-        "scores better) come with serving support for the linear model."
+    model: Literal["xgboost", "linear", "auto"] = Field(
+        "auto", description="Model family registered: `xgboost`, `linear` (the baseline itself: logistic "
+        "regression / ridge on TF-IDF + one-hot + scaled numerics), or `auto`: xgboost only where it beats "
+        "the linear model by `baseline_margin` on the holdout, else the linear model (both are logged)."
     )
     require_beats_baseline: bool = Field(
-        False, description="Promote only a challenger that beats the linear baseline trained in the same run. "
-        "Off by default until `model: auto` can ship the baseline instead: on the bundled sample xgboost does "
-        "not beat it, and the quickstart would deploy nothing."
+        True, description="Promote only a challenger that beats the linear baseline trained in the same run "
+        "(a linear model chosen by `model: auto` or `linear` is the baseline, and may be promoted)."
     )
     baseline_margin: float = Field(0.0, ge=0, description="How much better than the baseline a challenger must be.")
     baseline_max_rows: int = Field(

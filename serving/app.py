@@ -38,7 +38,7 @@ from lifecycle.errors import LifecycleError
 from serving.batching import Batcher, QueryBatcher
 from serving.config import IndexRef, ServingConfig
 from serving.filters import FilterError, column_kind, compile_filter
-from serving.model import ServingModel
+from serving.model import Served, ServingModel, load_model
 from serving.requests import Problem, parse_invocation, parse_search, wants_probabilities
 
 log = logging.getLogger("serving")
@@ -113,7 +113,7 @@ def log_gone(scope: Scope) -> None:
 class Endpoints:
     """The logic every route shares, on the raw ASGI scope: token, bounded JSON, predict, search."""
 
-    def __init__(self, model: ServingModel, token: bytes | None, config: ServingConfig, batcher: Batcher | None,
+    def __init__(self, model: Served, token: bytes | None, config: ServingConfig, batcher: Batcher | None,
                  searcher: Searcher | None = None) -> None:
         self.model, self.token, self.limit, self.batcher = model, token, config.max_body_bytes, batcher
         self.max_rows = config.limits.max_rows
@@ -229,7 +229,7 @@ class ServingApp:
         await send({"type": "http.response.body", "body": body})
 
 
-def create_app(config: ServingConfig, model: ServingModel | None = None,
+def create_app(config: ServingConfig, model: Served | None = None,
                searcher: Searcher | None = None) -> ServingApp:
     """Build the app for one deployment; the model (and searcher) load here, before the port opens.
 
@@ -245,11 +245,11 @@ def create_app(config: ServingConfig, model: ServingModel | None = None,
     from serving.openapi import document
 
     if model is None:
-        model = ServingModel.load(config.model_dir, encoder_threads=config.encoder_threads)
+        model = load_model(config.model_dir, encoder_threads=config.encoder_threads)  # booster or linear
     if searcher is None and config.index is not None:
         searcher = open_searcher(config.index, config.encoder_threads)
     secret = config.token()
-    batcher = Batcher(model, config.batch_rows) if model.needs_text else None
+    batcher = Batcher(model, config.batch_rows) if isinstance(model, ServingModel) and model.needs_text else None
     ep = Endpoints(model, secret.get_secret_value().encode() if secret else None, config, batcher, searcher)
     lineage = dict(config.lineage)
     spec = orjson.dumps(document(model.schema, config.limits.max_rows, ep.columns if searcher else None,

@@ -1,4 +1,7 @@
-"""The served model: an XGBoost booster plus the feature schema it was trained with.
+"""The served model: an XGBoost booster (or the linear model, `serving.linear`) plus its feature schema.
+
+`load_model` reads `feature_schema.json` and loads the family it names (`family`: `booster.json` or
+`linear_model.npz`); both answer through the same methods with the same JSON.
 
 Only `booster.json` and `feature_schema.json` are loaded (no MLflow, no pyfunc), because MLflow's
 scoring path spends ~3 ms of Python per request on DataFrame building and schema checks while the
@@ -21,7 +24,7 @@ request's text features are the vectors the model was trained on.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +34,12 @@ import pandas as pd
 from lifecycle.errors import LifecycleError
 from lifecycle.features import FeatureSchema, decode_predictions, feature_matrix, tabular_matrix
 from lifecycle.spec import Task
+from serving.linear import LINEAR_FILE, LinearModel
 
 BOOSTER_FILE = "booster.json"
 SCHEMA_FILE = "feature_schema.json"
 RUN_ARTIFACT_DIR = "lifecycle"  # where train logs the two files in its MLflow run (serving.pyfunc's name)
+MODEL_FILES = {"xgboost": BOOSTER_FILE, "linear": LINEAR_FILE}  # the schema's `family` says which one serves
 
 PROBA_PREFIX = "proba_"  # as serving.pyfunc names probability columns (that module imports mlflow)
 
@@ -63,9 +68,32 @@ def sample_row(schema: FeatureSchema) -> dict[str, Any]:
     """A valid input row built from the schema alone: what the deploy smoke test sends."""
     row: dict[str, Any] = {c: 0.0 for c in schema.numeric}
     row.update({c: (levels[0] if levels else None) for c, levels in schema.categorical.items()})
-    if schema.embedding_dim and schema.text_column:
+    if schema.reads_text and schema.text_column:
         row[schema.text_column] = "smoke test"
     return row
+
+
+def missing_files(names: Collection[str]) -> list[str]:
+    """What a model folder (or a run's artifact list) lacks to be served: the schema and a model file."""
+    missing = [] if SCHEMA_FILE in names else [SCHEMA_FILE]
+    if not any(f in names for f in MODEL_FILES.values()):
+        missing.append(" or ".join(MODEL_FILES.values()))
+    return missing
+
+
+def read_schema(model_dir: str | Path) -> FeatureSchema:
+    """The folder's `feature_schema.json`.
+
+    Raises:
+        LifecycleError: the file is missing or not a feature schema.
+    """
+    schema_path = Path(model_dir) / SCHEMA_FILE
+    try:
+        return FeatureSchema.model_validate_json(schema_path.read_bytes())
+    except FileNotFoundError as exc:
+        raise LifecycleError(f"{schema_path}: feature schema not found") from exc
+    except ValueError as exc:
+        raise LifecycleError(f"{schema_path}: not a valid feature schema ({str(exc).splitlines()[0]})") from exc
 
 
 def _is_missing(value: Any) -> bool:
@@ -94,12 +122,7 @@ class ServingModel:
 
         model_dir = Path(model_dir)
         schema_path, booster_path = model_dir / SCHEMA_FILE, model_dir / BOOSTER_FILE
-        try:
-            schema = FeatureSchema.model_validate_json(schema_path.read_bytes())
-        except FileNotFoundError as exc:
-            raise LifecycleError(f"{schema_path}: feature schema not found") from exc
-        except ValueError as exc:
-            raise LifecycleError(f"{schema_path}: not a valid feature schema ({str(exc).splitlines()[0]})") from exc
+        schema = read_schema(model_dir)
         if not booster_path.exists():
             raise LifecycleError(f"{booster_path}: model file not found")
         try:
@@ -198,3 +221,18 @@ class ServingModel:
     @property
     def task(self) -> Task:
         return self.schema.task
+
+
+Served = ServingModel | LinearModel  # what a server answers with: same methods, same answers' shape
+
+
+def load_model(model_dir: str | Path, encoder: Encoder | None = None, encoder_threads: int | None = None) -> Served:
+    """The folder's model, of the family its schema names: a booster or the linear model.
+
+    Raises:
+        LifecycleError: naming the file that is missing or unreadable.
+    """
+    schema = read_schema(model_dir)
+    if schema.family == "linear":
+        return LinearModel.load(Path(model_dir) / LINEAR_FILE, schema)
+    return ServingModel.load(model_dir, encoder, encoder_threads)

@@ -31,7 +31,7 @@ def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
 def _row(schema: FeatureSchema) -> dict[str, Any]:
     props: dict[str, Any] = {c: {"type": ["number", "null"]} for c in schema.numeric}
     props.update({c: {"type": ["string", "null"]} for c in schema.categorical})
-    if schema.embedding_dim and schema.text_column:
+    if schema.reads_text and schema.text_column:
         props[schema.text_column] = {"type": "string", "maxLength": 2000}
     return {"type": "object", "required": list(props), "properties": props}
 

@@ -7,7 +7,9 @@ carries the `FeatureSchema` next to the booster and rebuilds the matrix with `li
 `models:/<name>@champion` accepts the raw input columns and answers in the label's own values.
 
 `BoosterPredictor` holds the logic without MLflow, so a lean server can load the two run artifacts
-(`booster.json`, `feature_schema.json`) directly; `LifecycleModel` is the thin MLflow wrapper. The
+(`booster.json`, `feature_schema.json`) directly; `LinearPredictor` does the same for a linear model
+(`linear_model.npz`, scored by `serving.linear`, the lean server's own code); `LifecycleModel` is the
+thin MLflow wrapper over whichever the model was logged with. The
 packaging helpers at the end (requirements, code paths, signature) say what the logged model carries,
 so that it loads and validates input outside this repository: its code is exactly the served files of
 `serving.manifest` (serving + the core modules it imports), the same list the serving image holds.
@@ -25,6 +27,7 @@ from mlflow.pyfunc.model import PythonModel
 
 from lifecycle.errors import LifecycleError
 from lifecycle.features import EMBEDDING_PREFIX, FeatureSchema, decode_predictions, feature_matrix
+from serving.linear import LINEAR_FILE, LinearModel
 
 BOOSTER_FILE = "booster.json"
 SCHEMA_FILE = "feature_schema.json"
@@ -83,8 +86,37 @@ class BoosterPredictor:
         return out
 
 
+class LinearPredictor:
+    """The linear model (`serving.linear`) behind the same `predict(frame)` as `BoosterPredictor`: the
+    lean server's own scorer, so the pyfunc and `/invocations` give the same answers."""
+
+    def __init__(self, model: LinearModel) -> None:
+        self.model = model
+        self.schema = model.schema
+
+    @classmethod
+    def from_files(cls, linear_path: str | Path, schema_path: str | Path) -> LinearPredictor:
+        schema = FeatureSchema.model_validate_json(Path(schema_path).read_text(encoding="utf-8"))
+        return cls(LinearModel.load(linear_path, schema))
+
+    def predict(self, frame: pd.DataFrame, probabilities: bool = False) -> pd.DataFrame:
+        records = self.model.predict(frame, probabilities)
+        columns = ["prediction", *([f"{PROBA_PREFIX}{c}" for c in self.schema.classes]
+                                   if probabilities and self.schema.classes else [])]
+        return pd.DataFrame(records, index=frame.index, columns=columns)
+
+
+def load_predictor(folder: Path, text_max_chars: int | None = None) -> BoosterPredictor | LinearPredictor:
+    """The predictor of a folder holding `feature_schema.json` and the model file its family names."""
+    schema = FeatureSchema.model_validate_json((folder / SCHEMA_FILE).read_text(encoding="utf-8"))
+    if schema.family == "linear":
+        return LinearPredictor.from_files(folder / LINEAR_FILE, folder / SCHEMA_FILE)
+    return BoosterPredictor.from_files(folder / BOOSTER_FILE, folder / SCHEMA_FILE, text_max_chars)
+
+
 class LifecycleModel(PythonModel):
-    """MLflow pyfunc over `BoosterPredictor`; artifacts: `booster` and `feature_schema` files.
+    """MLflow pyfunc over `BoosterPredictor` (artifacts `booster` + `feature_schema`) or `LinearPredictor`
+    (artifacts `linear` + `feature_schema`), whichever family the model was logged with.
 
     `predict(df)` returns the `prediction` column; `predict(df, params={"probabilities": True})`
     adds one `proba_<class>` column per class for classifiers.
@@ -93,8 +125,13 @@ class LifecycleModel(PythonModel):
     def load_context(self, context: Any) -> None:
         config = getattr(context, "model_config", None) or {}
         legacy = config.get("text_max_chars")  # models logged before the schema recorded it
-        self.predictor = BoosterPredictor.from_files(context.artifacts["booster"], context.artifacts["feature_schema"],
-                                                     int(legacy) if legacy is not None else None)
+        artifacts = context.artifacts
+        self.predictor: BoosterPredictor | LinearPredictor
+        if "linear" in artifacts:
+            self.predictor = LinearPredictor.from_files(artifacts["linear"], artifacts["feature_schema"])
+        else:
+            self.predictor = BoosterPredictor.from_files(artifacts["booster"], artifacts["feature_schema"],
+                                                         int(legacy) if legacy is not None else None)
 
     # A DataFrame hint: MLflow 3 infers no schema from it (the logged signature does the checking).
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:

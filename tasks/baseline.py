@@ -13,6 +13,9 @@ Why this shape:
 - Same id-hash holdout as the model (`train_data.holdout_mask`), so the two metrics are on the same
   rows. Over `train.baseline_max_rows`, both sides are an id-hash sample (a second salted hash, so
   the sample is independent of the split and the same on every run) and the run says so.
+- The baseline is also a candidate: `train.model: linear`, or `auto` where xgboost does not beat it,
+  registers this very pipeline (exported for serving by `tasks.linear_export`), so it keeps the
+  fitted pipeline and a few holdout rows to check the export against.
 - Rows are read part by part from `dataset.parts` (the version's Parquet files) in this process: the
   sample bound is what keeps it small, and sklearn needs no cluster.
 """
@@ -36,6 +39,7 @@ from tasks.train_metrics import holdout_metrics
 SAMPLE_SALT = "/baseline-sample"
 TFIDF_MAX_FEATURES = 200_000
 MAX_ITER = 300
+CHECK_ROWS = 200  # holdout rows kept to check the exported (served) linear model against the pipeline
 
 
 def family(task: Task) -> str:
@@ -140,6 +144,8 @@ class BaselineResult:
     rows: dict[str, int] = field(default_factory=dict)
     fraction: float = 1.0
     seconds: float = 0.0
+    pipeline: Any = None  # the fitted sklearn pipeline (tasks.linear_export serves it without sklearn)
+    check_rows: pd.DataFrame | None = None  # raw holdout rows whose `raw` the exported model must reproduce
 
     @property
     def sampled(self) -> bool:
@@ -201,4 +207,5 @@ def fit_baseline(spec: DatasetSpec, store: ObjectStore, dataset: DatasetVersion,
     return BaselineResult(family=family(spec.task), features=describe(spec),
                           metrics=holdout_metrics(spec.task, y_hold, raw), y_true=y_hold, raw=raw,
                           rows={"train": len(train), "holdout": len(hold)}, fraction=fraction,
-                          seconds=time.perf_counter() - start)
+                          seconds=time.perf_counter() - start, pipeline=pipeline,
+                          check_rows=hold.head(CHECK_ROWS).reset_index(drop=True))

@@ -36,7 +36,8 @@ from lifecycle.features import FeatureSchema
 from lifecycle.records import stable_hash
 from serving.config import ServingConfig
 from serving.manifest import DOCKERFILE, served_files
-from serving.model import SCHEMA_FILE
+from serving.model import MODEL_FILES as SERVED_MODEL_FILES
+from serving.model import SCHEMA_FILE, missing_files
 from tasks.serving_common import CONFIG_FILE, ServingImage, TarEntry, tar
 from tasks.serving_wheels import (
     build_wheelhouse,
@@ -58,7 +59,7 @@ CONTAINER_PORT = 8080
 DEPS_REPO = "lifecycle-serving-deps"
 APP_REPO = "lifecycle-serving"
 LABEL = "org.lifecycle"
-MODEL_FILES = ("booster.json", "feature_schema.json")
+MODEL_FILES = (SCHEMA_FILE, *SERVED_MODEL_FILES.values())  # the schema and the model file of its family
 # Trimmed from the venv before the commit: never imported by a server (tests, C headers).
 TRIM = ("find /opt/venv -depth -type d -name tests -prune -exec rm -rf {} +; "
         "rm -rf /opt/venv/lib/python3*/site-packages/torch/include /opt/venv/lib/python3*/site-packages/torch/test")
@@ -199,11 +200,11 @@ def app_entries(model_dir: Path, root: Path = PROJECT_ROOT) -> list[TarEntry]:
     """
     entries: list[TarEntry] = [("Dockerfile", root / DOCKERFILE, 0o644, 0)]
     entries += [(f"code/{rel}", root / rel, 0o644, 0) for rel in served_files(root)]
-    for name in MODEL_FILES:
-        path = model_dir / name
-        if not path.exists():
-            raise LifecycleError(f"{path}: model file missing from the snapshot")
-        entries.append((f"model/{name}", path, 0o644, 0))
+    present = [name for name in MODEL_FILES if (model_dir / name).exists()]
+    missing = missing_files(present)
+    if missing:
+        raise LifecycleError(f"{model_dir}: model file {', '.join(missing)} missing from the snapshot")
+    entries += [(f"model/{name}", model_dir / name, 0o644, 0) for name in present]
     return entries
 
 

@@ -8,7 +8,9 @@ Why this shape:
 - A challenger must also beat the plain baseline fit in its own training run (tasks/baseline.py) by
   `train.baseline_margin` on the same holdout (`train.require_beats_baseline: false` turns it off).
   The verdict ("beats baseline by X" / "does not beat baseline (X vs Y)") is always in the decision,
-  so even a model that need not beat it says where it stands.
+  so even a model that need not beat it says where it stands. A linear model registered by
+  `train.model: auto | linear` is that baseline: its verdict says "is the baseline (linear, …)" and
+  the gate lets it through, so the bundled sample (linear 0.830 vs xgboost 0.819) still ships.
 - The decision (text, both values) is written on the version as tags and into the ModelVersion record;
   the tag `lifecycle.record` names that record, so "the champion's record" is one alias lookup and one
   read (tasks/promotion.py), not a listing of the store.
@@ -122,13 +124,17 @@ def versus_baseline(trained: TrainedModel, margin: float) -> tuple[bool | None, 
     """(beats?, baseline value, verdict) of the model against its run's baseline on the primary metric.
 
     Beating it means a gain > 0 and >= `margin`, as for the champion: a tie does not earn a place.
-    (None, None, ...) when the training record has no baseline (trained before baselines existed).
+    (None, None, ...) when the training record has no baseline (trained before baselines existed);
+    (None, value, "is the baseline (linear, …)") when the registered model is the linear model itself,
+    which the gate lets through (it cannot lose to itself; the champion check still applies).
     """
     metric = trained.primary_metric
     base = trained.baseline_metrics.get(metric)
     if base is None:
         return None, None, "no baseline in the training record"
     value = float(trained.metrics[metric])
+    if trained.family == "linear":  # the registered model is the baseline itself: nothing to beat, nothing lost
+        return None, float(base), f"is the baseline (linear, {metric} {value:.4f})"
     gain = value - base if trained.greater_is_better else base - value
     if gain > 0 and gain >= margin:
         return True, float(base), f"beats baseline by {gain:.4f} ({metric} {value:.4f} vs {base:.4f})"
@@ -313,7 +319,8 @@ def _register(spec: DatasetSpec, trained: TrainedModel, store: ObjectStore, targ
                      "champion_value": "" if champ_value is None else f"{champ_value:.6g}",
                      "champion_version": str(current.version) if current is not None else ""}
     beats, base, verdict = versus_baseline(trained, spec.train.baseline_margin)
-    decision_tags.update(baseline_value="" if base is None else f"{base:.6g}", baseline_verdict=verdict)
+    decision_tags.update(baseline_value="" if base is None else f"{base:.6g}", baseline_verdict=verdict,
+                         family=trained.family)
     for key, value in decision_tags.items():
         client.set_model_version_tag(name, mv.version, f"{TAG}{key}", value)
     return ModelVersion(
@@ -322,7 +329,7 @@ def _register(spec: DatasetSpec, trained: TrainedModel, store: ObjectStore, targ
         aliases=[CHALLENGER, CHAMPION] if promote else [CHALLENGER], promoted=promote, decision=text,
         metric=metric, challenger_value=challenger,
         champion_version=str(current.version) if current is not None else None, champion_value=champ_value,
-        baseline_value=base, beats_baseline=beats, baseline_verdict=verdict,
+        baseline_value=base, beats_baseline=beats, baseline_verdict=verdict, family=trained.family,
     )
 
 

@@ -29,7 +29,7 @@ from lifecycle.errors import LifecycleError
 from lifecycle.records import IndexVersion, ModelVersion, stable_hash
 from serving.config import IndexRef, ServingConfig
 from serving.manifest import DOCKERFILE, code_digest
-from serving.model import BOOSTER_FILE, RUN_ARTIFACT_DIR, SCHEMA_FILE
+from serving.model import MODEL_FILES, RUN_ARTIFACT_DIR, SCHEMA_FILE, missing_files
 from tasks.docker_serving import DockerBackend
 from tasks.policies import retry_unless_user_error
 from tasks.process_serving import ProcessBackend
@@ -88,9 +88,9 @@ def _artifact_paths(client: Any, run_id: str) -> dict[str, str]:
     for folder in (RUN_ARTIFACT_DIR, None):
         for entry in client.list_artifacts(run_id, folder):
             name = entry.path.rsplit("/", 1)[-1]
-            if not entry.is_dir and name in (BOOSTER_FILE, SCHEMA_FILE):
+            if not entry.is_dir and name in (SCHEMA_FILE, *MODEL_FILES.values()):
                 found.setdefault(name, entry.path)
-    missing = [n for n in (BOOSTER_FILE, SCHEMA_FILE) if n not in found]
+    missing = missing_files(found)
     if missing:
         raise LifecycleError(f"MLflow run {run_id}: artifact(s) {', '.join(missing)} not found (logged by train)")
     return found
@@ -115,7 +115,7 @@ def prepare_snapshot(target: ServingTarget, mlflow: MlflowTarget, model: ModelVe
                      vectors: VectorStore | None, lineage: dict[str, str | None]) -> Path:
     """Write `<workdir>/<deployment id>/` with the model files and config.json; returns the folder."""
     folder = Path(target.workdir).resolve() / str(lineage["deployment_id"])
-    if not all((folder / n).exists() for n in (BOOSTER_FILE, SCHEMA_FILE)):
+    if missing_files([n for n in (SCHEMA_FILE, *MODEL_FILES.values()) if (folder / n).exists()]):
         download_model_files(mlflow, model.run_id, folder)
     ref = None
     if index is not None:

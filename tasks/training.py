@@ -11,6 +11,8 @@ Why this shape:
 - Where `boost` runs is chosen from the data (`tasks.train_layout`: one worker with every thread when
   the version fits one worker, xgboost.dask across all workers otherwise), and every run also fits the
   plain linear baseline (`tasks.baseline`) the register stage measures the model against.
+- The baseline is the second candidate: `train.model` (`tasks.model_family`) picks the family that
+  is registered, and a linear pick is exported for serving without sklearn (`tasks.linear_export`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from lifecycle.features import FeatureSchema, build_schema
 from lifecycle.records import DatasetVersion, EmbeddingSet, TrainedModel, ValidationReport, stable_hash
 from lifecycle.spec import DatasetSpec, Task
 from tasks.baseline import BaselineResult, fit_baseline
+from tasks.model_family import FamilyChoice, choose_family
 from tasks.policies import retry_unless_user_error
 from tasks.train_data import (  # noqa: F401
     EMBEDDING_COLUMN,
@@ -214,11 +217,23 @@ def fit(spec: DatasetSpec, dataset: DatasetVersion, store: ObjectStore, compute:
                      rows=rows, seconds=time.perf_counter() - start, compute=report, layout=layout)
 
 
+def pick_family(spec: DatasetSpec, result: FitResult, baseline: BaselineResult | None) -> FamilyChoice:
+    """`train.model` applied to this run's two candidates (tasks.model_family)."""
+    metric = primary_metric(spec)
+    return choose_family(spec, metric, greater_is_better(metric), result.metrics,
+                         baseline.metrics if baseline is not None else None)
+
+
 def log_training_run(target: MlflowTarget, spec: DatasetSpec, dataset: DatasetVersion, report: ValidationReport,
                      embeddings: EmbeddingSet | None, result: FitResult, store: ObjectStore, record_id: str,
-                     version: str, baseline: BaselineResult | None = None) -> tuple[str, str]:
+                     version: str, baseline: BaselineResult | None = None,
+                     choice: FamilyChoice | None = None) -> tuple[str, str]:
     """Log params, per-round and holdout metrics, lineage tags, plots, raw model files and the pyfunc;
     the baseline's metrics (`baseline_*`), plot and sampling beside the model's.
+
+    The unprefixed metrics and the files under `lifecycle/` (what serving and the pyfunc load) are the
+    registered family's (`choice`, default: `pick_family`); xgboost's metrics are also `xgboost_*`, and
+    the booster of a run that registers the linear model is kept under `candidates/`.
 
     Returns:
         (run id, model URI). A failure inside marks the run FAILED; no model is registered here.
@@ -227,17 +242,22 @@ def log_training_run(target: MlflowTarget, spec: DatasetSpec, dataset: DatasetVe
     from mlflow.data.pandas_dataset import from_pandas
     from mlflow.entities import Metric
 
+    from serving.linear import LINEAR_FILE
     from serving.pyfunc import (
         BOOSTER_FILE,
         RUN_ARTIFACT_DIR,
         SCHEMA_FILE,
-        BoosterPredictor,
         LifecycleModel,
         code_paths,
+        load_predictor,
         model_signature,
         pip_requirements,
     )
+    from tasks.linear_export import export_linear
     from tasks.plots import log_figures
+
+    choice = choice if choice is not None else pick_family(spec, result, baseline)
+    metrics = baseline.metrics if choice.family == "linear" and baseline is not None else result.metrics
 
     target.apply_env()
     experiment_id = target.experiment_id()
@@ -246,7 +266,8 @@ def log_training_run(target: MlflowTarget, spec: DatasetSpec, dataset: DatasetVe
             "lifecycle.trained_model": record_id, "lifecycle.code_version": version,
             **(result.compute.tags() if result.compute is not None else {}),
             **(result.layout.tags() if result.layout is not None else {}),
-            **(baseline.tags() if baseline is not None else {"lifecycle.baseline.family": "none"})}
+            **(baseline.tags() if baseline is not None else {"lifecycle.baseline.family": "none"}),
+            **choice.tags()}
     params = {k: v for k, v in result.params.items() if k != "eval_metric"}
     params.update(num_boost_round=spec.train.num_boost_round, early_stopping_rounds=spec.train.early_stopping_rounds,
                   best_iteration=result.best_iteration, holdout_fraction=spec.split.holdout_fraction,
@@ -265,7 +286,8 @@ def log_training_run(target: MlflowTarget, spec: DatasetSpec, dataset: DatasetVe
         client = target.client()
         for i in range(0, len(rounds), 1000):
             client.log_batch(run_id, metrics=rounds[i:i + 1000])
-        mlflow.log_metrics(result.metrics)
+        mlflow.log_metrics(metrics)
+        mlflow.log_metrics({f"xgboost_{k}": v for k, v in result.metrics.items()})
         if baseline is not None:
             mlflow.log_metrics({f"baseline_{k}": v for k, v in baseline.metrics.items()})
         with warnings.catch_warnings(action="ignore", category=UserWarning):  # "source resolves 2 ways"
@@ -275,17 +297,26 @@ def log_training_run(target: MlflowTarget, spec: DatasetSpec, dataset: DatasetVe
         log_figures(result.booster, spec.task, result.y_true, result.raw, result.schema.classes)
         if baseline is not None:
             log_figures(None, spec.task, baseline.y_true, baseline.raw, result.schema.classes, prefix="baseline_")
-        files = Path(tmp) / RUN_ARTIFACT_DIR
+        files, candidates = Path(tmp) / RUN_ARTIFACT_DIR, Path(tmp) / "candidates"
         files.mkdir()
-        result.booster.save_model(str(files / BOOSTER_FILE))
-        (files / SCHEMA_FILE).write_text(result.schema.model_dump_json(indent=2), encoding="utf-8")
+        candidates.mkdir()
+        if choice.family == "linear" and baseline is not None:
+            schema = export_linear(baseline, result.schema, files)
+            artifacts = {"linear": str(files / LINEAR_FILE)}
+            result.booster.save_model(str(candidates / BOOSTER_FILE))
+            mlflow.log_artifacts(str(candidates), "candidates")
+        else:
+            schema = result.schema
+            result.booster.save_model(str(files / BOOSTER_FILE))
+            artifacts = {"booster": str(files / BOOSTER_FILE)}
+        (files / SCHEMA_FILE).write_text(schema.model_dump_json(indent=2), encoding="utf-8")
         mlflow.log_artifacts(str(files), RUN_ARTIFACT_DIR)
-        predictor = BoosterPredictor.from_files(files / BOOSTER_FILE, files / SCHEMA_FILE, spec.embed.max_chars)
+        predictor = load_predictor(files, spec.embed.max_chars)
         signature = model_signature(result.example, predictor.predict(result.example), spec.numeric_features)
         info = mlflow.pyfunc.log_model(
             name="model", python_model=LifecycleModel(), signature=signature, input_example=result.example,
-            artifacts={"booster": str(files / BOOSTER_FILE), "feature_schema": str(files / SCHEMA_FILE)},
-            code_paths=code_paths(Path(tmp)), pip_requirements=pip_requirements(bool(result.schema.embedding_dim)),
+            artifacts={**artifacts, "feature_schema": str(files / SCHEMA_FILE)},
+            code_paths=code_paths(Path(tmp)), pip_requirements=pip_requirements(bool(schema.embedding_dim)),
             model_config={"text_max_chars": spec.embed.max_chars},
         )
     return run_id, info.model_uri
@@ -299,15 +330,19 @@ def train_model(spec: DatasetSpec, dataset: DatasetVersion, report: ValidationRe
     embeddings = embeddings if spec.train.use_text_embeddings else None  # lineage names only what was used
     result = fit(spec, dataset, store, compute, embeddings)
     baseline = fit_baseline(spec, store, dataset, result.schema.classes)
+    choice = pick_family(spec, result, baseline)
     run_id, model_uri = log_training_run(mlflow, spec, dataset, report, embeddings, result, store, record_id, version,
-                                         baseline)
+                                         baseline, choice)
     inputs = {"dataset": dataset.id, "validation": report.id}
     if embeddings is not None:
         inputs["embeddings"] = embeddings.id
     return TrainedModel(
         id=record_id, dataset=spec.name, code_version=version, inputs=inputs, dataset_version=dataset.id,
         embedding_set=embeddings.id if embeddings is not None else None, run_id=run_id, model_uri=model_uri,
-        metrics=result.metrics, primary_metric=metric, greater_is_better=greater_is_better(metric),
+        metrics=baseline.metrics if choice.family == "linear" and baseline is not None else result.metrics,
+        primary_metric=metric,
+        greater_is_better=greater_is_better(metric), family=choice.family, family_reason=choice.reason,
+        xgboost_metrics=result.metrics,
         device=compute.resolved_device, train_seconds=round(result.seconds, 3),
         baseline_metrics=baseline.metrics if baseline is not None else {},
         baseline=baseline.summary() if baseline is not None else "",

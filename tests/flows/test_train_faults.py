@@ -127,6 +127,9 @@ def test_mlflow_down_at_register_retries_then_fails_in_one_line_and_keeps_the_ch
     from tasks.registry import MlflowUnavailableError, model_version_id
 
     spec, store, dataset, report = _world(tmp_path, 600)
+    # Two xgboost models judged by the champion rule alone (family choice and baseline gate: test_model_family).
+    spec = spec.model_copy(update={"train": spec.train.model_copy(update={"model": "xgboost",
+                                                                          "require_beats_baseline": False})})
     weak_spec = spec.model_copy(update={"train": spec.train.model_copy(update={"num_boost_round": 1, "max_depth": 1})})
     target = mlflow_server.target(model_name_prefix="down-", experiment="down")
     champion = register(weak_spec, train(weak_spec, dataset, report, store, local_compute, target), store, target)

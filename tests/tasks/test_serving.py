@@ -116,7 +116,7 @@ def test_prepare_snapshot_downloads_the_model_files_and_writes_the_config(tmp_pa
     assert config.api_token.get_secret_value() == TOKEN and config.model_dir == str(folder)
     assert (folder / BOOSTER_FILE).read_bytes() == (Path(mlflow.tracking_uri.removeprefix("sqlite:///")).parent
                                                     / "model" / BOOSTER_FILE).read_bytes()
-    with pytest.raises(LifecycleError, match="booster.json, feature_schema.json not found"):
+    with pytest.raises(LifecycleError, match="feature_schema.json, booster.json or linear_model.npz not found"):
         other = ServingTarget(workdir=target.workdir)
         serving.download_model_files(mlflow, _empty_run(mlflow), Path(other.workdir) / "d2")
 

@@ -121,7 +121,7 @@ def run(tmp_path_factory, local_compute):
     from lifecycle.sample import generate_tickets
 
     tmp = tmp_path_factory.mktemp("train")
-    spec, store, dataset = _ingest(tmp, generate_tickets(600))
+    spec, store, dataset = _ingest(tmp, generate_tickets(600), train={"model": "xgboost"})  # the booster's run
     target = _mlflow_target(tmp)
     result = training.fit(spec, dataset, store, local_compute)
     from tasks.baseline import fit_baseline
