@@ -17,9 +17,9 @@ from lifecycle.errors import LifecycleError
 
 
 def trained_fact(trained) -> str:
-    """A TrainedModel in one cell: its metric and the baseline's beside it."""
+    """A TrainedModel in one cell: its family and metric, and the baseline's beside it."""
     metric = trained.primary_metric
-    text = f"{metric} {trained.metrics.get(metric, float('nan')):.4f}"
+    text = f"{trained.family} · {metric} {trained.metrics.get(metric, float('nan')):.4f}"
     base = trained.baseline_metrics.get(metric)
     return text + (f" · baseline {base:.4f}" if base is not None else "") + \
         (f" · {trained.layout} layout" if trained.layout else "")
