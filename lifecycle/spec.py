@@ -64,6 +64,24 @@ class SplitConfig(BaseModel):
     salt: str = Field("lifecycle", description="Changing the salt draws a different holdout.")
 
 
+class TrainWindow(BaseModel):
+    """Which rows of the table version training sees: those of its latest commits, or of its latest days.
+
+    Counted back from the version itself (its commits and their commit times), never from the clock,
+    so a version always trains on the same rows. Commits before the last `replace` are never in it.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    commits: int | None = Field(None, ge=1, description="The rows the latest N commits added.")
+    days: float | None = Field(None, gt=0, description="The rows committed within N days before the version's commit.")
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> TrainWindow:
+        if (self.commits is None) == (self.days is None):
+            raise ValueError("give exactly one of `commits` or `days`")
+        return self
+
+
 class TrainConfig(BaseModel):
     """The model family, XGBoost parameters and the promotion rule."""
 
@@ -94,6 +112,8 @@ class TrainConfig(BaseModel):
     baseline_max_rows: int = Field(
         200_000, ge=100, description="Larger data fits the baseline on an id-hash sample of this many rows."
     )
+    window: TrainWindow | None = Field(
+        None, description="Train on the latest commits or days of the table only (default: every row).")
     seed: int = 0
 
     def primary_metric(self, task: Task) -> str:

@@ -16,7 +16,7 @@ Why this shape:
 - The baseline is also a candidate: `train.model: linear`, or `auto` where xgboost does not beat it,
   registers this very pipeline (exported for serving by `tasks.linear_export`), so it keeps the
   fitted pipeline and a few holdout rows to check the export against.
-- Rows are read part by part from `dataset.parts` (the version's Parquet files) in this process: the
+- Rows are read part by part from the version's Parquet files (`train_parts`: all, or `train.window`'s) here: the
   sample bound is what keeps it small, and sklearn needs no cluster.
 """
 
@@ -33,7 +33,7 @@ import pandas as pd
 from infra_blocks import ObjectStore
 from lifecycle.records import DatasetVersion
 from lifecycle.spec import DatasetSpec, SplitConfig, Task
-from tasks.train_data import HASH_BUCKETS, holdout_buckets, holdout_mask
+from tasks.train_data import HASH_BUCKETS, holdout_buckets, holdout_mask, train_parts
 from tasks.train_metrics import holdout_metrics
 
 SAMPLE_SALT = "/baseline-sample"
@@ -76,7 +76,7 @@ def read_rows(store: ObjectStore, spec: DatasetSpec, dataset: DatasetVersion,
                                *spec.categorical_features, *([text] if text else [])]))
     pafs = store.pyarrow_filesystem()
     train, hold = [], []
-    for key in dataset.parts:
+    for key in train_parts(store, spec, dataset)[0]:
         part = pq.read_table(store.path(key), filesystem=pafs, columns=cols).to_pandas()
         part = part[part[spec.label_column].notna()]
         part = part[sample_mask(part[spec.id_column], spec.split, fraction)]
@@ -184,7 +184,7 @@ def fit_baseline(spec: DatasetSpec, store: ObjectStore, dataset: DatasetVersion,
         None when a side is empty or the train side has one class only (nothing to compare with).
     """
     start = time.perf_counter()
-    fraction = sample_fraction(spec, dataset.rows)
+    fraction = sample_fraction(spec, train_parts(store, spec, dataset)[1])
     train, hold = read_rows(store, spec, dataset, fraction)
     y_train = encode(train[spec.label_column], spec.task, classes)
     y_hold = encode(hold[spec.label_column], spec.task, classes)

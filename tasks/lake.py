@@ -73,6 +73,7 @@ class Commit:
     base: int
     labels: tuple[str, ...] | None
     fields: dict[str, str]
+    timestamp: int = 0  # commit time, ms since the epoch
 
     @classmethod
     def from_history(cls, entry: dict[str, Any]) -> Commit | None:
@@ -83,7 +84,8 @@ class Commit:
                    added_rows=int(entry.get(f"{META}added_rows", 0)), added_hash=str(entry.get(f"{META}added_hash")),
                    content_hash=str(entry[f"{META}content_hash"]), base=int(entry.get(f"{META}base", 0)),
                    labels=tuple(json.loads(labels)) if labels is not None else None,
-                   fields={k[len(META):]: str(v) for k, v in entry.items() if k.startswith(META)})
+                   fields={k[len(META):]: str(v) for k, v in entry.items() if k.startswith(META)},
+                   timestamp=int(entry.get("timestamp") or 0))
 
 
 @dataclass
@@ -139,6 +141,18 @@ class TableState:
 
     def keys(self, files: list[str] | None = None) -> list[str]:
         return [f"{table_key(self.name)}/{f}" for f in (self.files if files is None else files)]
+
+    def window(self, commits: int | None = None, days: float | None = None) -> list[str]:
+        """Keys of the files the latest `commits` lifecycle commits added (or those of the latest `days`
+        before the head commit), in row order; commits before the last overwrite are never included."""
+        since = [c for c in self.commits if c.version >= self.base]
+        if commits is not None:
+            chosen = since[-commits:]
+        else:
+            last = since[-1].timestamp if since else 0
+            chosen = [c for c in since if c.timestamp >= last - (days or 0) * 86_400_000]
+        added = {f for c in chosen for f in c.files}
+        return self.keys([f for f in self.files if f in added])
 
     def int_ranges(self, column: str) -> dict[str, tuple[int, int]]:
         """(min, max) of an integer column per file key, from the commit stats (files without them left out).

@@ -100,16 +100,33 @@ def _split_flags(ids: pd.Series, split: SplitConfig, eval_bound: int) -> pd.Data
                         index=ids.index)
 
 
+def train_parts(store: ObjectStore, spec: DatasetSpec, dataset: DatasetVersion) -> tuple[list[str], int]:
+    """(files, rows) training reads: the version's every file, or those in `train.window` (time travel to the
+    version's own commits, so the same version always gives the same rows). Model, baseline and the
+    champion's holdout all read these, so they are measured on the same rows."""
+    window = spec.train.window
+    if window is None:
+        return list(dataset.parts), dataset.rows
+    from tasks.lake import table_state
+
+    state = table_state(store, dataset.dataset, dataset.table_version)
+    if state is None:
+        raise LifecycleError(f"{dataset.dataset}: no Delta table for train.window (dataset version {dataset.id})")
+    keys = state.window(window.commits, window.days)
+    counts = dict(zip(state.keys(), state.files))
+    return keys, sum(state.counts.get(counts[k], 0) for k in keys)
+
+
 def load_frame(store: ObjectStore, spec: DatasetSpec, dataset: DatasetVersion,
                embeddings: EmbeddingSet | None = None, eval_rows: int = EVAL_ROWS) -> Any:
     """The version as a lazy dask DataFrame: ids, label, inputs, holdout and eval flags, optional vectors."""
     import dask.dataframe as dd
 
     cols = list(dict.fromkeys([spec.id_column, spec.label_column, *input_columns(spec)]))
-    ddf = dd.read_parquet([store.uri(k) for k in dataset.parts], columns=cols,
-                          storage_options=store.storage_options())
+    parts, rows = train_parts(store, spec, dataset)
+    ddf = dd.read_parquet([store.uri(k) for k in parts], columns=cols, storage_options=store.storage_options())
     ddf = ddf.dropna(subset=[spec.label_column])
-    split, bound = spec.split, eval_threshold(spec.split, dataset.rows, eval_rows)
+    split, bound = spec.split, eval_threshold(spec.split, rows, eval_rows)
     meta = pd.DataFrame({HOLDOUT_COLUMN: pd.Series(dtype=bool), EVAL_COLUMN: pd.Series(dtype=bool)})
     flags = ddf[spec.id_column].map_partitions(_split_flags, split, bound, meta=meta)
     ddf = ddf.assign(**{HOLDOUT_COLUMN: flags[HOLDOUT_COLUMN], EVAL_COLUMN: flags[EVAL_COLUMN]})
@@ -126,7 +143,7 @@ def load_holdout(store: ObjectStore, spec: DatasetSpec, dataset: DatasetVersion)
     cols = list(dict.fromkeys([spec.id_column, spec.label_column, *input_columns(spec)]))
     pafs = store.pyarrow_filesystem()
     frames = []
-    for key in dataset.parts:
+    for key in train_parts(store, spec, dataset)[0]:
         part = pq.read_table(store.path(key), filesystem=pafs, columns=cols).to_pandas()
         part = part[part[spec.label_column].notna()]
         frames.append(part[holdout_mask(part[spec.id_column], spec.split)])

@@ -385,3 +385,43 @@ def test_boost_is_the_step_the_benchmarks_time(local_compute):
     assert booster.num_boosted_rounds() == bare.num_boosted_rounds() == 20
     assert len(history["logloss"]) == 20 and history["logloss"][-1] < history["logloss"][0] < math.log(2) + 0.01
     assert none == {}
+
+
+def test_train_window_reads_only_the_latest_commits_for_model_baseline_and_holdout(tmp_path, local_compute):
+    """Three appends; `train.window: {commits: 2}` trains on the rows of the last two (time travel to the
+    version's own commits), and so do the baseline and the holdout a champion is scored on."""
+    from infra_blocks import ObjectStore
+    from lifecycle.sample import generate_tickets
+    from tasks.baseline import fit_baseline
+    from tasks.ingest import ingest_dataset
+    from tasks.lake import Commit, table_state
+    from tasks.train_data import load_holdout, train_parts
+
+    store = ObjectStore(url=f"file://{tmp_path / 'lake'}")
+    sizes = (500, 300, 200)
+    for i, rows in enumerate(sizes):
+        csv = tmp_path / f"landing-{i}.csv"
+        generate_tickets(rows, seed=i).assign(ticket_id=range(i * 10_000, i * 10_000 + rows)).to_csv(csv, index=False)
+        dataset = ingest_dataset(store, _spec(source=str(csv), expectations={}))
+    spec = _spec(source=str(csv), expectations={}, train={"model": "xgboost", "num_boost_round": 5,
+                                                          "window": {"commits": 2}})
+    parts, rows = train_parts(store, spec, dataset)
+    assert rows == 500 and set(parts) < set(dataset.parts)
+    result = training.fit(spec, dataset, store, local_compute)
+    assert result.rows["train"] + result.rows["holdout"] == 500
+    assert load_holdout(store, spec, dataset)[spec.id_column].min() >= 10_000
+    base = fit_baseline(spec, store, dataset, result.schema.classes)
+    assert (base.rows["train"], base.rows["holdout"]) == (result.rows["train"], result.rows["holdout"])
+
+    everything = _spec(source=str(csv), expectations={}, train={"window": {"commits": 5}})
+    assert train_parts(store, everything, dataset) == (list(dataset.parts), 1000)
+
+    # Days count back from the version's head commit time, never from the clock.
+    state = table_state(store, "tickets")
+    day = 86_400_000
+    state.commits = [Commit(version=c.version, files=c.files, added_rows=c.added_rows, added_hash=c.added_hash,
+                            content_hash=c.content_hash, base=c.base, labels=c.labels, fields=c.fields,
+                            timestamp=t) for c, t in zip(state.commits, (0, 5 * day, 6 * day))]
+    assert len(state.window(days=1.5)) == len(state.window(commits=2)) and state.window(days=10) == state.keys()
+    with pytest.raises(LifecycleError, match="train.window: .*exactly one of `commits` or `days`"):
+        _spec(train={"window": {"commits": 1, "days": 2}})
