@@ -6,6 +6,8 @@ above 1M rows are 1M generated rows tiled with fresh ids.
 
 - `gx`: `tasks.validation.validate_frame` — the spec's suite in an ephemeral GX context, including the
   Data Docs page it renders (what the stage runs, minus reading the Parquet parts).
+- `gx_files`: the same suite file by file, as the ingest audit runs it (`tasks/audit.py`: the per-file
+  expectations on each `ROWS_PER_PART` slice; ids across files and table-level checks are not GX's).
 - `pandas`: `pandas_checks` below — every rule of `build_expectations` written directly in pandas, with
   the unexpected counts a report needs. Before timing, both are run on a frame with injected bad rows and
   must name the same failed (expectation, column) pairs, so the two sides check the same things.
@@ -187,10 +189,25 @@ def bench_rows(rows: int, spec, args) -> None:
             ok, _, failed = validate_frame(frame, spec, f"tickets@bench-{rows}", docs, speedups=speedups)
         assert ok and not failed
 
+    def gx_files() -> None:
+        """What the ingest audit runs: the per-file suite on each file-sized slice (tasks/audit.py)."""
+        import gc
+
+        from tasks.audit import file_expectations
+        from tasks.ingest import ROWS_PER_PART
+
+        with tempfile.TemporaryDirectory(prefix="gx-docs-") as docs:
+            for i, start in enumerate(range(0, rows, ROWS_PER_PART)):
+                part = frame.iloc[start:start + ROWS_PER_PART]
+                ok, _, failed = validate_frame(part, spec, f"tickets@bench-{rows}-file{i:04d}", docs,
+                                               expectations=file_expectations(spec))
+                assert ok and not failed
+                gc.collect()
+
     def hand() -> None:
         assert pandas_checks(frame, spec) == []
 
-    sides = {"pandas": hand, "gx": gx}
+    sides = {"pandas": hand, "gx": gx, "gx_files": gx_files}
     for off in args.without:
         rest = () if off == "all" else tuple(s for s in ALL_SPEEDUPS if s != off)
         sides[f"gx_without_{off}"] = lambda rest=rest: gx(rest)
@@ -200,6 +217,10 @@ def bench_rows(rows: int, spec, args) -> None:
     record(f"validate.pandas_checks ({tag})", rows / best["pandas"], "rows/s")
     record(f"validate.gx_suite ({tag})", rows / best["gx"], "rows/s", baseline=baseline,
            baseline_value=rows / best["pandas"], goal=">= 0.5x")
+    from tasks.ingest import ROWS_PER_PART
+
+    record(f"validate.gx_suite_per_file ({tag}, {ROWS_PER_PART // 1000}k-row files, as the ingest audit runs it)",
+           rows / best["gx_files"], "rows/s", baseline=baseline, baseline_value=rows / best["pandas"], goal=">= 0.5x")
     for off in args.without:
         record(f"validate.gx_suite ({tag}, before: {WITHOUT[off]})", rows / best[f"gx_without_{off}"], "rows/s",
                baseline=baseline, baseline_value=rows / best["pandas"], goal=">= 0.5x")
