@@ -26,9 +26,14 @@ def embed(spec: DatasetSpec, dataset: DatasetVersion, report: ValidationReport, 
 
 
 def _work(call: Call, record_id: str | None) -> EmbeddingSet:
+    """The embed task, its workers' memory watched: running out ends it in one line naming the limit."""
+    from tasks.worker_memory import compute_memory_watched
+
     previous = latest_record(call.store, EmbeddingSet, call.spec.name)
-    return embed_task(call.store, call.spec, call.get(DatasetVersion), call.block(DaskCompute), previous,
-                      inputs={"validation": call.get(ValidationReport).id})
+    compute = call.block(DaskCompute)
+    with compute_memory_watched(compute, "embed"):
+        return embed_task(call.store, call.spec, call.get(DatasetVersion), compute, previous,
+                          inputs={"validation": call.get(ValidationReport).id})
 
 
 def no_text_column(spec: DatasetSpec) -> str | None:

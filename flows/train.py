@@ -57,6 +57,7 @@ def _record_id(call: Call) -> str:
 
 
 def _work(call: Call, record_id: str | None) -> TrainedModel:
+    """The train task (its workers' memory is watched inside it: running out ends it in one line, never a hang)."""
     from tasks.training import train_task
 
     assert record_id is not None

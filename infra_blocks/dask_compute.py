@@ -260,7 +260,12 @@ def _logger() -> Any:
         return logging.getLogger("lifecycle.compute")
 
 
-def close_local_clusters() -> None:
-    """Stop the clusters this process started (the CLI calls it when a run ends)."""
+def close_local_clusters(compute: DaskCompute | None = None) -> None:
+    """Stop the clusters this process started (the CLI calls it when a run ends), or only `compute`'s."""
     with _LOCK:
-        _close_clusters()
+        if compute is None:
+            _close_clusters()
+            return
+        cluster = _CLUSTERS.pop(compute._cache_key(), None)
+    if cluster is not None:
+        cluster.close()

@@ -190,6 +190,8 @@ class TrainedModel(Record):
     family_reason: str = Field("", description="Why this family: forced by train.model, or auto's comparison.")
     xgboost_metrics: dict[str, float] = Field(
         default_factory=dict, description="The xgboost model's holdout metrics, whichever family is registered.")
+    rows: dict[str, int] = Field(
+        default_factory=dict, description="Rows trained on: train and holdout sides of the split, eval slice.")
 
 
 class ModelVersion(Record):

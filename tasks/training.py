@@ -59,6 +59,7 @@ from tasks.train_metrics import (  # noqa: F401 - the metric API is also importe
     primary_metric,
 )
 from tasks.train_progress import reported_rounds, round_reporter
+from tasks.worker_memory import watch_worker_memory
 
 TRAIN_SECTIONS = ("train", "split", "numeric_features", "categorical_features", "label_column", "task")
 
@@ -174,7 +175,8 @@ def fit(spec: DatasetSpec, dataset: DatasetVersion, store: ObjectStore, compute:
     emb_dim = embeddings.dim if (embeddings is not None and spec.train.use_text_embeddings) else 0
     device = compute.resolved_device
     # xgboost.dask calls distributed.get_client() even when handed a client: make ours current.
-    with compute.get_client(check=False) as client, client.as_current():
+    # Memory pressure on the workers ends here in one line naming the limit, before Prefect's retry sees it.
+    with compute.get_client(check=False) as client, client.as_current(), watch_worker_memory(client, "train"):
         report = compute.preflight(client)
         ddf = client.persist(load_frame(store, spec, dataset, embeddings, eval_rows))
         counts = [ddf[HOLDOUT_COLUMN].size, ddf[HOLDOUT_COLUMN].sum(), ddf[EVAL_COLUMN].sum()]
@@ -346,7 +348,7 @@ def train_model(spec: DatasetSpec, dataset: DatasetVersion, report: ValidationRe
         device=compute.resolved_device, train_seconds=round(result.seconds, 3),
         baseline_metrics=baseline.metrics if baseline is not None else {},
         baseline=baseline.summary() if baseline is not None else "",
-        layout=result.layout.kind if result.layout is not None else "",
+        layout=result.layout.kind if result.layout is not None else "", rows=dict(result.rows),
     )
 
 

@@ -2,7 +2,10 @@
 and the next run resumes: a real `lifecycle run` process, its own temporary Prefect server and Dask
 cluster, SIGTERM to its process group (what `timeout`, systemd and Kubernetes send) mid-stage.
 
-Marked slow: up to four runs of the lifecycle on a small sample.
+Ingest and validate take well under a second on the small sample, so they are stopped in a lifecycle of
+their own on a generated version large enough for each to run for seconds (no text column: no embedding).
+
+Marked slow: eight runs of the lifecycle, four on the small sample and four on the large version.
 """
 
 from __future__ import annotations
@@ -22,8 +25,11 @@ import pytest
 pytestmark = pytest.mark.slow
 
 LIFECYCLE = str(Path(sys.executable).parent / "lifecycle")
-# A stage starts when the one before it printed its line (the live status line is drawn only on a terminal).
-BEFORE = {"embed": "validate", "train": "index", "deploy": "register"}
+# A stage starts when the one before it printed its line (the live status line is drawn only on a terminal);
+# ingest, the first, when its first Parquet part appears in the table's location.
+BEFORE = {"validate": "ingest", "embed": "validate", "train": "index", "deploy": "register"}
+KINDS = {"ingest": "dataset", "validate": "validation", "embeddings": "embeddings", "embed": "embeddings",
+         "train": "model", "deploy": "deployment"}
 
 
 def _free_port() -> int:
@@ -39,14 +45,22 @@ def _env(home: Path, port: int) -> dict[str, str]:
     return env
 
 
-def _run(cwd: Path, env: dict[str, str], stop_in: str | None, timeout_s: float = 600.0):
+def _started(stage: str, out: str, home: Path) -> bool:
+    if stage == "ingest":
+        return any((home / "lake" / "datasets").glob("*/part-*.parquet"))
+    return f"✓ {BEFORE[stage]}" in out
+
+
+def _run(cwd: Path, env: dict[str, str], stop_in: str | None, args: tuple[str, ...] = ("--rows", "1500"),
+         timeout_s: float = 600.0):
     """Run `lifecycle run`; with `stop_in`, SIGTERM its process group once that stage has started.
 
     Returns (exit code, seconds from the signal to the exit, stdout, stderr, every process the run had).
     """
     out, err = cwd / "out.log", cwd / "err.log"
+    home = Path(env["LIFECYCLE_HOME"])
     with out.open("wb") as o, err.open("wb") as e:
-        proc = subprocess.Popen([LIFECYCLE, "run", "--rows", "1500"], cwd=cwd, env=env, stdout=o, stderr=e,
+        proc = subprocess.Popen([LIFECYCLE, "run", *args], cwd=cwd, env=env, stdout=o, stderr=e,
                                 start_new_session=True)
     root = psutil.Process(proc.pid)
     seen: dict[int, psutil.Process] = {}
@@ -56,7 +70,7 @@ def _run(cwd: Path, env: dict[str, str], stop_in: str | None, timeout_s: float =
             seen.update({p.pid: p for p in root.children(recursive=True)})
         except psutil.Error:
             pass
-        if stop_in and signalled is None and f"✓ {BEFORE[stop_in]}" in out.read_text():
+        if stop_in and signalled is None and _started(stop_in, out.read_text(), home):
             time.sleep(1.0)  # well inside the stage
             signalled = time.monotonic()
             os.killpg(proc.pid, signal.SIGTERM)
@@ -87,27 +101,103 @@ def _records(home: Path, kind: str) -> list[Path]:
     return sorted((home / "lake" / "records" / kind).glob("*.json"))
 
 
+def _stopped(home: Path, stage: str, run) -> str:
+    """The checks on a run SIGTERMed during `stage`: the exit, the one line, the PID tree; its stdout."""
+    code, took, out, err, processes = run
+    assert code == 128 + signal.SIGTERM, out + err
+    assert took <= 10.0, f"exit {took:.1f} s after SIGTERM during {stage}"
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) <= 2 and f"during {stage}" in err and "Traceback" not in err, err
+    left = _alive(processes, within_s=max(0.5, 10.0 - took))  # all gone within 10 s of the signal
+    assert not left, f"left running after a stop during {stage}: {left}"
+    return out
+
+
+def _statuses(out: str) -> dict[str, str]:
+    """Each stage's word on its ✓ line (ran, cached, skipped)."""
+    return {line.split()[1]: line.split()[2] for line in out.splitlines() if "✓" in line and len(line.split()) > 2}
+
+
 def test_sigterm_mid_stage_stops_in_seconds_and_the_next_run_resumes(tmp_path):
     home, port = tmp_path / "home", _free_port()
     (home / "prefect").mkdir(parents=True)
     env = _env(home, port)
     try:
         for stage in ("embed", "train", "deploy"):
-            code, took, out, err, processes = _run(tmp_path, env, stop_in=stage)
-            assert code == 128 + signal.SIGTERM, out + err
-            assert took <= 10.0, f"exit {took:.1f} s after SIGTERM during {stage}"
-            lines = [line for line in err.splitlines() if line.strip()]
-            assert len(lines) <= 2 and f"during {stage}" in err and "Traceback" not in err, err
-            left = _alive(processes, within_s=max(0.5, 10.0 - took))  # all gone within 10 s of the signal
-            assert not left, f"left running after a stop during {stage}: {left}"
+            _stopped(home, stage, _run(tmp_path, env, stop_in=stage))
             # What the stopped stage writes last, its record, is not there.
-            kind = {"embed": "embeddings", "train": "model", "deploy": "deployment"}[stage]
-            assert not _records(home, kind), f"a {kind} record after a stop during {stage}"
+            assert not _records(home, KINDS[stage]), f"a {KINDS[stage]} record after a stop during {stage}"
         code, _, out, err, _ = _run(tmp_path, env, stop_in=None)
         assert code == 0, out + err
-        for stage in ("ingest", "validate", "embed", "index", "train", "register"):
-            assert any(line.split()[1:3] == [stage, "cached"] for line in out.splitlines() if "✓" in line), out
-        assert any(line.split()[1:3] == ["deploy", "ran"] for line in out.splitlines() if "✓" in line), out
+        statuses = _statuses(out)
+        assert all(statuses.get(s) == "cached" for s in ("ingest", "validate", "embed", "index", "train", "register")
+                   ), out
+        assert statuses.get("deploy") == "ran", out
+    finally:
+        subprocess.run([LIFECYCLE, "down"], cwd=tmp_path, env=env, capture_output=True, timeout=60)
+
+
+LARGE_ROWS = 200_000  # ingest ~5 s, validate ~4 s (GX's import included) in a run on two cores
+
+
+def _large_spec(directory: Path, **expectations) -> Path:
+    """The sample spec on a generated version of LARGE_ROWS rows without its text column (no embedding:
+    what follows the stopped stages stays cheap), a short training; `expectations` change the suite."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import yaml
+
+    from lifecycle.sample import SAMPLE_SPEC, generate_tickets
+
+    directory.mkdir(parents=True, exist_ok=True)
+    csv, spec = directory / "tickets.csv", directory / "tickets.yaml"
+    if not csv.exists():
+        block = generate_tickets(50_000).drop(columns=["text"])
+        frame = block.loc[np.tile(block.index, LARGE_ROWS // len(block))].reset_index(drop=True)
+        frame["ticket_id"] = np.arange(len(frame))  # unique, as the suite expects
+        pacsv.write_csv(pa.Table.from_pandas(frame, preserve_index=False), csv)
+    raw = {**{k: v for k, v in SAMPLE_SPEC.items() if k != "text_column"}, "source": csv.name,
+           "train": {"num_boost_round": 5, "early_stopping_rounds": None},
+           "expectations": {**SAMPLE_SPEC["expectations"], **expectations}}
+    spec.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return spec
+
+
+def test_sigterm_mid_ingest_or_validate_leaves_no_version_and_the_next_run_resumes(tmp_path):
+    """Ingest stopped: no table version, no record (its uncommitted parts are invisible to readers).
+    Validate stopped (a changed suite: the audit's report no longer applies): no report; the next run
+    finds ingest cached and validates again."""
+    from deltalake import DeltaTable
+
+    home, port = tmp_path / "home", _free_port()
+    (home / "prefect").mkdir(parents=True)
+    env = _env(home, port)
+    table = home / "lake" / "datasets" / "tickets"
+    spec = _large_spec(tmp_path / "data")
+    try:
+        _stopped(home, "ingest", _run(tmp_path, env, stop_in="ingest", args=("--spec", str(spec))))
+        assert not (table / "_delta_log").exists() or not any((table / "_delta_log").glob("*.json")), \
+            "a Delta commit after a stop during ingest"
+        assert not _records(home, "dataset"), "a dataset record after a stop during ingest"
+        left = {p.name for p in table.glob("*.parquet")}  # parts no commit names (removed on the way out, if time)
+        # The stopped ingest runs again; this run is stopped in train (after validate) to keep it short.
+        out = _stopped(home, "train", _run(tmp_path, env, stop_in="train", args=("--spec", str(spec))))
+        assert _statuses(out).get("ingest") == "ran", out
+        committed = DeltaTable(str(table))
+        assert committed.version() == 0 and len(_records(home, "validation")) == 1
+        # Readers see exactly the rows of the one commit, none of the stopped ingest's parts.
+        assert not left & {Path(f).name for f in committed.file_uris()}
+        assert committed.to_pyarrow_dataset().count_rows() == LARGE_ROWS
+        spec = _large_spec(tmp_path / "data", min_rows=101)
+        _stopped(home, "validate", _run(tmp_path, env, stop_in="validate", args=("--spec", str(spec))))
+        assert len(_records(home, "validation")) == 1, "a validation record after a stop during validate"
+        code, _, out, err, _ = _run(tmp_path, env, stop_in=None, args=("--spec", str(spec)))
+        assert code == 0, out + err
+        statuses = _statuses(out)
+        assert statuses.get("ingest") == "cached" and statuses.get("validate") == "ran", out
+        assert statuses.get("train") == "ran" and statuses.get("deploy") == "ran", out
+        assert DeltaTable(str(table)).version() == 0 and len(_records(home, "validation")) == 2
     finally:
         subprocess.run([LIFECYCLE, "down"], cwd=tmp_path, env=env, capture_output=True, timeout=60)
 

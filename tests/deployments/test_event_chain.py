@@ -383,3 +383,52 @@ def test_a_run_cancelled_through_the_api_during_train_ends_cancelled_and_leaves_
     assert left and final.state_type.value == "CANCELLED"
     assert psutil.Process(worker.pid).is_running()  # the worker itself goes on taking runs
     assert not [m for m in records(stack.targets.store, TrainedModel) if m.dataset == "cancelled"]
+
+
+def test_landings_append_and_the_model_after_the_last_is_trained_on_every_row(stack, tmp_path):
+    """Two more files land after the first: each is one more commit, the model built after the last one
+    is trained on the rows of all three (its record and its MLflow run say so), and the earlier versions
+    still read back exactly (delta-rs time travel, no lifecycle code)."""
+    import mlflow
+    from deltalake import DeltaTable
+
+    from cli.app import app
+    from tasks.ingest import read_dataset
+    from tasks.lake import table_state, table_uri
+
+    store = stack.targets.store
+    runner = CliRunner(env={"PREFECT_API_URL": stack.api_url})
+    first = store.uri("landing/tickets/batch-001.csv")
+    keys = ["landing/tickets/batch-003.csv", "landing/tickets/batch-004.csv"]
+    uris = [put_csv(store, keys[0], rows=80, seed=31, first_id=10_001),
+            put_csv(store, keys[1], rows=70, seed=32, first_id=20_001)]
+    for i, (key, uri) in enumerate(zip(keys, uris)):
+        (tmp_path / f"n{i}.json").write_text(json.dumps(notification(store, key)))
+        assert runner.invoke(app, ["notify", str(tmp_path / f"n{i}.json")]).exit_code == 0
+        wait_until(lambda u=uri: versions_from(store, u), 240, f"{uri} to be committed", interval_s=2,
+                   explain=runs_report)
+
+    [last] = versions_from(store, uris[-1])
+
+    def registered():
+        trained = [m for m in records(store, TrainedModel) if m.dataset_version == last.id]
+        done = trained and any(v.trained_model == trained[0].id for v in records(store, ModelVersion))
+        runs = started_runs("build/build") + started_runs("stage-deploy/deploy")
+        return done and all(is_final(r) for r in runs) and trained[0]
+
+    model = wait_until(registered, CHAIN_BOUND_S, "a model of the last version", interval_s=2, explain=runs_report)
+    [v1] = versions_from(store, first)
+    [v2] = versions_from(store, uris[0])
+    assert (v2.table_version, last.table_version) == (v1.table_version + 1, v1.table_version + 2)
+    assert (v2.rows, last.rows) == (v1.rows + 80, v1.rows + 150) and last.table_version == table_state(
+        store, "tickets").version
+    assert model.rows["train"] + model.rows["holdout"] == last.rows
+    mlflow.set_tracking_uri(stack.targets.mlflow.tracking_uri)
+    params = mlflow.get_run(model.run_id).data.params
+    assert int(params["train_rows"]) + int(params["holdout_rows"]) == last.rows
+    for version, added in ((v1, range(1, 301)), (v2, range(10_001, 10_081))):
+        table = DeltaTable(table_uri(store, "tickets"), version=version.table_version,
+                           storage_options=store.delta_storage_options())
+        ids = sorted(table.to_pyarrow_dataset().to_table(columns=["ticket_id"]).column(0).to_pylist())
+        assert ids == sorted(read_dataset(store, version)["ticket_id"]) and len(ids) == version.rows
+        assert set(added) <= set(ids) and not set(ids) & set(range(20_001, 20_071))

@@ -204,3 +204,54 @@ def test_prod_profile_trains_on_an_address_cluster_and_registers_in_mlflow_on_po
                            "on a.name = m.name and a.version = m.version"],
                           capture_output=True, text=True, check=True).stdout.split()
     assert sorted(rows) == ["tickets|1|challenger", "tickets|1|champion"]
+
+
+@pytest.mark.parametrize("terminate", [0.95, False], ids=["nanny-restarts", "paused-for-ever"])
+def test_workers_out_of_memory_end_training_in_one_line_naming_the_limit_never_a_hang(
+        tmp_path, mlflow_server, monkeypatch, terminate):
+    """250 MiB workers on 100k rows. With Dask's defaults their nannies restart them past 95 % of the
+    limit until `KilledWorker`; without that (`terminate: False`, as seen at 300 MiB: both workers paused
+    at ~90 % and the stage waiting on them for ever) a worker only pauses and stays paused, and the watch
+    restarts it. Either way training completes or fails in one line naming the limit, within a bound
+    (here the pause limit is 5 s and `allowed-failures` 1: well under a minute per attempt)."""
+    import re
+
+    import dask
+    import distributed  # noqa: F401 - its config defaults first: leaving `dask.config.set` restores what was before
+
+    import tasks.worker_memory as worker_memory
+    from flows.train import train
+    from infra_blocks import DaskCompute
+    from infra_blocks.dask_compute import close_local_clusters
+    from lifecycle.records import TrainedModel
+    from tasks.records import latest_record
+
+    spec, store, dataset, report = _world(tmp_path, 100_000, num_boost_round=20, early_stopping_rounds=None)
+    target = mlflow_server.target(model_name_prefix="oom-", experiment="oom")
+    compute = DaskCompute(mode="local", n_workers=2, threads_per_worker=1, memory_limit="250MiB")
+    monkeypatch.setattr(worker_memory, "PAUSED_LIMIT_S", 5.0)
+    started = time.monotonic()
+    try:
+        with dask.config.set({"distributed.scheduler.allowed-failures": 1,
+                              "distributed.worker.memory.terminate": terminate}):
+            state = train(spec, dataset, report, store, compute, target, return_state=True)
+    finally:
+        close_local_clusters(compute)
+    took = time.monotonic() - started
+    assert took < 240, f"training under memory pressure took {took:.0f} s"
+    if state.is_completed():
+        return
+    with pytest.raises(worker_memory.WorkerMemoryError) as err:
+        state.result()
+    message = str(err.value)
+    assert "\n" not in message and len(message) < 300, message
+    assert re.fullmatch(r"a Dask worker exceeded its memory limit \(250 MiB per worker, DaskCompute\.memory_limit\) "
+                        r"and was restarted \d+ times? during train \(.+\); raise memory_limit or use fewer, larger "
+                        r"workers", message), message
+    if terminate is False:
+        assert "paused for over 5 s" in message, message
+    # Nothing half-done: no model record, no MLflow run.
+    assert latest_record(store, TrainedModel, spec.name) is None
+    client = target.client()
+    experiment = client.get_experiment_by_name("oom")
+    assert experiment is None or not client.search_runs([experiment.experiment_id])
