@@ -276,3 +276,40 @@ def test_ctrl_c_in_a_terminal_during_train_shows_rounds_then_one_line(tmp_path):
     assert len(stop_lines) == 1 and "during train" in stop_lines[0], after
     left = _alive(processes, within_s=max(0.5, 10.0 - took))
     assert not left, f"left running after Ctrl-C: {left}"
+
+
+def test_sigterm_during_lifecycle_up_stops_what_it_had_started(tmp_path):
+    """`lifecycle up` stopped while it deploys (its servers already up): it exits within 10 s with one
+    line, and the Prefect and MLflow servers it had started are gone (they run in sessions of their own,
+    so only `up` itself can stop them); nothing claims to be up afterwards."""
+    home = tmp_path / "home"
+    (home / "prefect").mkdir(parents=True)
+    env = _env(home, _free_port())
+    out, err = tmp_path / "up.out", tmp_path / "up.err"
+    with out.open("wb") as o, err.open("wb") as e:
+        proc = subprocess.Popen([LIFECYCLE, "up", "--prefect-port", str(_free_port()), "--mlflow-port",
+                                 str(_free_port())], cwd=tmp_path, env=env, stdout=o, stderr=e, start_new_session=True)
+    root, seen, signalled = psutil.Process(proc.pid), {}, None
+    deadline = time.monotonic() + 300
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            with suppress(psutil.Error):
+                seen.update({p.pid: p for p in root.children(recursive=True)})
+            if signalled is None and "MLflow server" in out.read_text():
+                signalled = time.monotonic()
+                os.killpg(proc.pid, signal.SIGTERM)
+            time.sleep(0.1)
+        assert signalled is not None and proc.poll() is not None, out.read_text() + err.read_text()
+        took = time.monotonic() - signalled
+        assert proc.returncode == 128 + signal.SIGTERM and took <= 10.0, (proc.returncode, took, err.read_text())
+        lines = [line for line in err.read_text().splitlines() if line.strip()]
+        assert len(lines) <= 2 and "Traceback" not in err.read_text(), err.read_text()
+        left = _alive(list(seen.values()), within_s=max(0.5, 10.0 - took))
+        assert not left, f"left running after a stop of lifecycle up: {left}"
+        from cli.server import STATE_FILE
+
+        assert not (home / STATE_FILE).exists()  # nothing claims to be up
+    finally:
+        for p in seen.values():
+            with suppress(psutil.Error):
+                p.kill()
