@@ -130,19 +130,28 @@ def _concat(parts: list[Any]) -> Any:
 def train_on_worker(X_parts: list[Any], y_parts: list[Any], eval_parts: tuple[list[Any], list[Any]] | None,
                     params: dict[str, Any], num_boost_round: int, early_stopping_rounds: int | None,
                     feature_names: list[str] | None, feature_types: list[str] | None) -> tuple[Any, dict]:
-    """Runs ON the chosen worker: plain xgboost with every thread, rounds reported as worker events."""
+    """Runs ON the chosen worker: plain xgboost with every thread, rounds reported as worker events.
+
+    Every thread needs OpenMP's limit raised here: a nanny starts its worker with `OMP_NUM_THREADS=1`
+    (distributed's `nanny.pre-spawn-environ`) and xgboost caps `nthread` at `omp_get_max_threads()`,
+    so without it the "one worker with every thread" trained on one thread (1.58× bare xgboost on the
+    wide multiclass benchmark with 2 threads asked for).
+    """
     import xgboost as xgb
+    from threadpoolctl import threadpool_limits
 
     kw = dict(feature_names=feature_names, feature_types=feature_types, enable_categorical=True,
               nthread=params.get("nthread"))
-    dtrain = xgb.QuantileDMatrix(_concat(X_parts), _concat(y_parts), **kw)
-    watch = []
-    if eval_parts is not None:
-        watch = [(xgb.QuantileDMatrix(_concat(eval_parts[0]), _concat(eval_parts[1]), ref=dtrain, **kw), "holdout")]
-    log: dict[str, dict[str, list[float]]] = {}
-    booster = xgb.train(params, dtrain, num_boost_round=num_boost_round, evals=watch, evals_result=log,
-                        early_stopping_rounds=early_stopping_rounds if watch else None, verbose_eval=False,
-                        callbacks=[round_reporter(num_boost_round)])
+    with threadpool_limits(limits=params.get("nthread") or None, user_api="openmp"):
+        dtrain = xgb.QuantileDMatrix(_concat(X_parts), _concat(y_parts), **kw)
+        watch = []
+        if eval_parts is not None:
+            watch = [(xgb.QuantileDMatrix(_concat(eval_parts[0]), _concat(eval_parts[1]), ref=dtrain, **kw),
+                      "holdout")]
+        log: dict[str, dict[str, list[float]]] = {}
+        booster = xgb.train(params, dtrain, num_boost_round=num_boost_round, evals=watch, evals_result=log,
+                            early_stopping_rounds=early_stopping_rounds if watch else None, verbose_eval=False,
+                            callbacks=[round_reporter(num_boost_round)])
     history = {m: [float(v) for v in vals] for m, vals in log.get("holdout", {}).items()}
     return booster, history
 
