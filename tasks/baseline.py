@@ -66,9 +66,9 @@ def sample_mask(ids: pd.Series, split: SplitConfig, fraction: float) -> np.ndarr
     return holdout_buckets(ids, salted) < max(1, int(round(fraction * HASH_BUCKETS)))
 
 
-def read_rows(store: ObjectStore, spec: DatasetSpec, dataset: DatasetVersion,
+def read_rows(store: ObjectStore, spec: DatasetSpec, parts: list[str],
               fraction: float) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(train rows, holdout rows) of the version's parts, sampled by id hash when `fraction` < 1."""
+    """(train rows, holdout rows) of the parts training reads, sampled by id hash when `fraction` < 1."""
     import pyarrow.parquet as pq
 
     text = text_column(spec)
@@ -76,7 +76,7 @@ def read_rows(store: ObjectStore, spec: DatasetSpec, dataset: DatasetVersion,
                                *spec.categorical_features, *([text] if text else [])]))
     pafs = store.pyarrow_filesystem()
     train, hold = [], []
-    for key in train_parts(store, spec, dataset)[0]:
+    for key in parts:
         part = pq.read_table(store.path(key), filesystem=pafs, columns=cols).to_pandas()
         part = part[part[spec.label_column].notna()]
         part = part[sample_mask(part[spec.id_column], spec.split, fraction)]
@@ -184,8 +184,9 @@ def fit_baseline(spec: DatasetSpec, store: ObjectStore, dataset: DatasetVersion,
         None when a side is empty or the train side has one class only (nothing to compare with).
     """
     start = time.perf_counter()
-    fraction = sample_fraction(spec, train_parts(store, spec, dataset)[1])
-    train, hold = read_rows(store, spec, dataset, fraction)
+    parts, rows = train_parts(store, spec, dataset)  # every file, or train.window's (one Delta log read)
+    fraction = sample_fraction(spec, rows)
+    train, hold = read_rows(store, spec, parts, fraction)
     y_train = encode(train[spec.label_column], spec.task, classes)
     y_hold = encode(hold[spec.label_column], spec.task, classes)
     if spec.task is not Task.regression:  # rows of classes the model never saw cannot be scored alike
