@@ -67,3 +67,12 @@ def record(
         f.write(json.dumps(row) + "\n")
     print(f"{name}: {value:.4g} {unit}" + (f"  (ratio {row['ratio']} vs {baseline})" if ratio else ""))
     return row
+
+
+def record_incremental(stages: str, tag: str, fraction: float, append_s: float, cold_s: float, *,
+                       variant: str = "", results: Path = RESULTS) -> dict:
+    """`<stages>.incremental (<tag>, <fraction> append)`: append seconds against the same stages cold on
+    the whole table, measured in one run; ratio = append / cold (the goal: at most 5 %)."""
+    return record(f"{stages}.incremental ({tag}, {fraction:.0%} append{variant})", append_s, "s",
+                  baseline=f"{stages.replace('+', ' + ')} of the whole {tag} cold, same run", baseline_value=cold_s,
+                  goal="ratio = append / cold <= 5 %", results=results)
