@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 
@@ -52,15 +53,17 @@ def _started(stage: str, out: str, home: Path) -> bool:
 
 
 def _run(cwd: Path, env: dict[str, str], stop_in: str | None, args: tuple[str, ...] = ("--rows", "1500"),
-         timeout_s: float = 600.0):
-    """Run `lifecycle run`; with `stop_in`, SIGTERM its process group once that stage has started.
+         timeout_s: float = 600.0, command: str = "run", stop_when: Callable[[str], bool] | None = None,
+         settle_s: float = 1.0):
+    """Run `lifecycle <command>`; with `stop_in`, SIGTERM its process group once that stage has started
+    (or, with `stop_when`, once its stdout says so), `settle_s` later.
 
     Returns (exit code, seconds from the signal to the exit, stdout, stderr, every process the run had).
     """
     out, err = cwd / "out.log", cwd / "err.log"
     home = Path(env["LIFECYCLE_HOME"])
     with out.open("wb") as o, err.open("wb") as e:
-        proc = subprocess.Popen([LIFECYCLE, "run", *args], cwd=cwd, env=env, stdout=o, stderr=e,
+        proc = subprocess.Popen([LIFECYCLE, command, *args], cwd=cwd, env=env, stdout=o, stderr=e,
                                 start_new_session=True)
     root = psutil.Process(proc.pid)
     seen: dict[int, psutil.Process] = {}
@@ -70,14 +73,15 @@ def _run(cwd: Path, env: dict[str, str], stop_in: str | None, args: tuple[str, .
             seen.update({p.pid: p for p in root.children(recursive=True)})
         except psutil.Error:
             pass
-        if stop_in and signalled is None and _started(stop_in, out.read_text(), home):
-            time.sleep(1.0)  # well inside the stage
+        due = stop_when(out.read_text()) if stop_when else bool(stop_in) and _started(stop_in, out.read_text(), home)
+        if signalled is None and due:
+            time.sleep(settle_s)  # well inside the stage
             signalled = time.monotonic()
             os.killpg(proc.pid, signal.SIGTERM)
         time.sleep(0.1)
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"lifecycle run did not end within {timeout_s:.0f} s:\n{out.read_text()}\n{err.read_text()}")
+        pytest.fail(f"lifecycle {command} did not end within {timeout_s:.0f} s:\n{out.read_text()}\n{err.read_text()}")
     took = time.monotonic() - signalled if signalled else 0.0
     return proc.returncode, took, out.read_text(), err.read_text(), list(seen.values())
 
@@ -282,34 +286,22 @@ def test_sigterm_during_lifecycle_up_stops_what_it_had_started(tmp_path):
     """`lifecycle up` stopped while it deploys (its servers already up): it exits within 10 s with one
     line, and the Prefect and MLflow servers it had started are gone (they run in sessions of their own,
     so only `up` itself can stop them); nothing claims to be up afterwards."""
+    from cli.server import STATE_FILE
+
     home = tmp_path / "home"
     (home / "prefect").mkdir(parents=True)
     env = _env(home, _free_port())
-    out, err = tmp_path / "up.out", tmp_path / "up.err"
-    with out.open("wb") as o, err.open("wb") as e:
-        proc = subprocess.Popen([LIFECYCLE, "up", "--prefect-port", str(_free_port()), "--mlflow-port",
-                                 str(_free_port())], cwd=tmp_path, env=env, stdout=o, stderr=e, start_new_session=True)
-    root, seen, signalled = psutil.Process(proc.pid), {}, None
-    deadline = time.monotonic() + 300
+    ports = ("--prefect-port", str(_free_port()), "--mlflow-port", str(_free_port()))
+    code, took, out, err, processes = _run(tmp_path, env, None, ports, timeout_s=300, command="up",
+                                           stop_when=lambda out: "MLflow server" in out, settle_s=0.0)
     try:
-        while proc.poll() is None and time.monotonic() < deadline:
-            with suppress(psutil.Error):
-                seen.update({p.pid: p for p in root.children(recursive=True)})
-            if signalled is None and "MLflow server" in out.read_text():
-                signalled = time.monotonic()
-                os.killpg(proc.pid, signal.SIGTERM)
-            time.sleep(0.1)
-        assert signalled is not None and proc.poll() is not None, out.read_text() + err.read_text()
-        took = time.monotonic() - signalled
-        assert proc.returncode == 128 + signal.SIGTERM and took <= 10.0, (proc.returncode, took, err.read_text())
-        lines = [line for line in err.read_text().splitlines() if line.strip()]
-        assert len(lines) <= 2 and "Traceback" not in err.read_text(), err.read_text()
-        left = _alive(list(seen.values()), within_s=max(0.5, 10.0 - took))
+        assert code == 128 + signal.SIGTERM and 0 < took <= 10.0, (code, took, out + err)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) <= 2 and "Traceback" not in err, err
+        left = _alive(processes, within_s=max(0.5, 10.0 - took))
         assert not left, f"left running after a stop of lifecycle up: {left}"
-        from cli.server import STATE_FILE
-
         assert not (home / STATE_FILE).exists()  # nothing claims to be up
     finally:
-        for p in seen.values():
+        for p in processes:
             with suppress(psutil.Error):
                 p.kill()
