@@ -1,9 +1,13 @@
 """Audit: the checks new files pass before they are committed to a dataset's table (write–audit–publish).
 
 Why this shape:
-- The GX suite (tasks/validation.py) runs on each new file on its own, with the expectations that a
-  file can decide alone (schema, nulls, ranges, allowed labels, ids unique within the file). Memory is
-  bounded by a file's size, and an append costs in proportion to the append, not the table.
+- The GX suite (tasks/validation.py) runs on batches of new files, with the expectations that the
+  new rows can decide alone (schema, nulls, ranges, allowed labels, ids unique within a batch; across
+  batches and the table the id check below decides). A batch is as many whole files as fit in
+  `AUDIT_BATCH_BYTES` of Arrow data, so memory is bounded by that budget, not the table, and an append
+  costs in proportion to the append. Why batches and not one GX run per file: a GX run costs ~0.45 s
+  here whatever its size (building its context, metric graph and Data Docs), against ~0.12 s per
+  million rows of checks: 10M rows took 20 s as forty 250k-row files, against 2.0 s as two batches.
 - What only the whole table can decide is checked here without loading it: ids unique across the
   landing and against every earlier file (the id column alone, one file at a time), the table's row
   count (earlier rows from the Delta log's file stats) and its label set (earlier labels from the
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import gc
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,8 +39,9 @@ from tasks.validation import (
     copy_docs,
     docs_prefix,
     make_report,
-    read_file_frame,
+    read_file_table,
     stored_report,
+    to_frame,
     validate_frame,
     version_label,
 )
@@ -45,6 +51,7 @@ ROW_COUNT = "expect_table_row_count_to_be_between"
 LABEL_COUNT = "expect_column_unique_value_count_to_be_between"
 UNIQUE = "expect_column_values_to_be_unique"
 TABLE_LEVEL = frozenset({ROW_COUNT, LABEL_COUNT})
+AUDIT_BATCH_BYTES = 512 * 2**20  # Arrow bytes per GX run: ~1.1 GB peak for the batch and its frame
 
 
 @dataclass
@@ -155,8 +162,9 @@ def labels_of(store: ObjectStore, spec: DatasetSpec, keys: list[str]) -> set[str
 
 def audit_files(store: ObjectStore, spec: DatasetSpec, new: list[str], earlier: list[str], *, earlier_rows: int,
                 earlier_labels: set[str] | None, label: str, docs_dir: str,
-                id_ranges: dict[str, tuple[int, int]] | None = None) -> Audit:
-    """Validate new files (GX per file, Data Docs into `docs_dir`) and the table they would make.
+                id_ranges: dict[str, tuple[int, int]] | None = None,
+                batch_bytes: int | None = None) -> Audit:
+    """Validate new files (GX per batch of files, Data Docs into `docs_dir`) and the table they would make.
 
     Args:
         new: store keys of the new files; earlier: the table's files before them.
@@ -164,18 +172,20 @@ def audit_files(store: ObjectStore, spec: DatasetSpec, new: list[str], earlier: 
             the earlier files' label column).
         label: the name the Data Docs pages carry (`<dataset>@<id>`).
         id_ranges: (min, max) id of new and earlier files, where known (`id_failures`).
+        batch_bytes: Arrow bytes per GX run (`_batches`); None: `AUDIT_BATCH_BYTES`.
     """
     expectations = file_expectations(spec)
     by_check: dict[tuple[str, str | None], list[FailedExpectation]] = {}
     success, rows = True, 0
-    for i, key in enumerate(new):
-        frame = read_file_frame(store, key)
-        rows += len(frame)
-        ok, _, failed = validate_frame(frame, spec, f"{label}-file{i:04d}", docs_dir,
+    for i, batch in enumerate(_batches(store, new, batch_bytes or AUDIT_BATCH_BYTES)):
+        rows += batch.num_rows
+        frame = to_frame(batch)
+        del batch  # to_frame released the table's buffers as it converted them
+        ok, _, failed = validate_frame(frame, spec, f"{label}-batch{i:04d}", docs_dir,
                                        expectations=file_expectations(spec))  # GX binds each to one suite
         success = success and ok
         del frame
-        gc.collect()  # each GX context is a web of reference cycles: ~2 MB a file otherwise, until a full collection
+        gc.collect()  # each GX context is a web of reference cycles: ~2 MB a run otherwise, until a full collection
         for f in failed:
             by_check.setdefault((f.expectation, f.column), []).append(f)
     failed = [_merged(found) for found in by_check.values()]
@@ -196,6 +206,31 @@ def audit_files(store: ObjectStore, spec: DatasetSpec, new: list[str], earlier: 
     evaluated = len(expectations) + 1 + (spec.task is not Task.regression)
     return Audit(success=success and not failed, evaluated=evaluated, failed=in_suite_order(spec, failed),
                  rows=earlier_rows + rows, labels=labels)
+
+
+def _batches(store: ObjectStore, keys: list[str], budget: int) -> Iterator[pa.Table]:
+    """The files of `keys` in order, as tables of whole files up to `budget` Arrow bytes each (a file
+    larger than the budget is a batch of its own; a file whose schema differs, one column more after an
+    added nullable column, starts a new batch). Each is yielded as the only reference to it."""
+    pending: list[pa.Table] = []
+    size = 0
+    for key in keys:
+        table = read_file_table(store, key)
+        if pending and (size + table.nbytes > budget or not table.schema.equals(pending[0].schema)):
+            yield _joined(pending)
+            size = 0
+        size += table.nbytes
+        pending.append(table)
+        del table
+    if pending:
+        yield _joined(pending)
+
+
+def _joined(pending: list[pa.Table]) -> pa.Table:
+    """The pending tables as one (zero-copy), emptying the list so the result holds their buffers alone."""
+    batch = pa.concat_tables(pending)
+    pending.clear()
+    return batch
 
 
 def table_failures(spec: DatasetSpec, rows: int, labels: set[str] | None) -> list[FailedExpectation]:
@@ -228,7 +263,7 @@ def _merged(found: list[FailedExpectation]) -> FailedExpectation:
     first = found[0]
     if len(found) == 1:
         return first
-    return first.model_copy(update={"detail": f"{first.detail}; and in {len(found) - 1} more file(s)"})
+    return first.model_copy(update={"detail": f"{first.detail}; and in {len(found) - 1} more batch(es) of files"})
 
 
 def run_validation(store: ObjectStore, spec: DatasetSpec, dataset: DatasetVersion) -> ValidationReport:

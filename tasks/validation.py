@@ -35,6 +35,7 @@ from tasks.validation_report import report_markdown as report_markdown
 from tasks.validation_report import summarize
 
 if TYPE_CHECKING:
+    import pyarrow as pa
     from great_expectations import ExpectationSuite
     from great_expectations.expectations import Expectation
 
@@ -240,16 +241,30 @@ def copy_docs(store: ObjectStore, docs_dir: str, prefix: str) -> str:
     return f"{prefix}/index.html"
 
 
-def read_file_frame(store: ObjectStore, key: str) -> pd.DataFrame:
-    """One Parquet file as a DataFrame; integer columns stay integers (nullable) when they hold nulls,
-    so a report shows id `51`, not `51.0`."""
-    import pyarrow as pa
+def read_file_table(store: ObjectStore, key: str) -> pa.Table:
+    """One Parquet file of the store as an Arrow table."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(store.path(key), filesystem=store.pyarrow_filesystem())
+    return pq.read_table(store.path(key), filesystem=store.pyarrow_filesystem())
+
+
+def to_frame(table: pa.Table) -> pd.DataFrame:
+    """An Arrow table as the DataFrame GX validates; integer columns stay integers (nullable) when they
+    hold nulls, so a report shows id `51`, not `51.0`.
+
+    The table's buffers are released column by column as they are converted (`self_destruct`), so a
+    batch costs about its own size once, not twice: the caller must hold no other reference to it.
+    """
+    import pyarrow as pa
+
     nullable = {pa.int8(): pd.Int8Dtype(), pa.int16(): pd.Int16Dtype(), pa.int32(): pd.Int32Dtype(),
                 pa.int64(): pd.Int64Dtype()}
-    return table.to_pandas(types_mapper=nullable.get)
+    return table.to_pandas(types_mapper=nullable.get, self_destruct=True, split_blocks=True)
+
+
+def read_file_frame(store: ObjectStore, key: str) -> pd.DataFrame:
+    """One Parquet file as a DataFrame (`to_frame`)."""
+    return to_frame(read_file_table(store, key))
 
 
 def make_report(spec: DatasetSpec, dataset: str, version: str, success: bool, evaluated: int,

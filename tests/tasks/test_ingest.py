@@ -162,12 +162,14 @@ def test_missing_file_and_dotdot(lake, sample_spec, tmp_path):
 
 PEAK = """
 import json, sys
+import tasks.audit as audit
 import tasks.ingest as ingest
 import tasks.sources as sources
 from infra_blocks import ObjectStore
 from lifecycle.sample import SAMPLE_SPEC
 from lifecycle.spec import parse_spec
 sources.BLOCK_BYTES, sources.GROUP_ROWS, ingest.ROWS_PER_PART = 128 << 10, 8192, 32768
+audit.AUDIT_BATCH_BYTES = 4 << 20  # the audit holds one batch of files: small here, as the parts are
 spec = parse_spec({**SAMPLE_SPEC, "source": sys.argv[1]})
 version = ingest.ingest_dataset(ObjectStore(url="file://" + sys.argv[2]), spec)
 hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
@@ -188,9 +190,10 @@ def _tiled_csv(path: Path, rows: int) -> float:
 
 @pytest.mark.slow
 def test_ingest_memory_does_not_grow_with_the_file(tmp_path):
-    """Peak RSS (VmHWM of a fresh process) is the same for a file 4x larger: ingest streams.
+    """Peak RSS (VmHWM of a fresh process) is the same for a file 4x larger: ingest streams, and the
+    audit holds one batch of files (`AUDIT_BATCH_BYTES`) at a time.
 
-    Small blocks and parts make the plateau show at CI-sized files; `python -m benchmarks.ingest
+    Small blocks, parts and audit batches make the plateau show at CI-sized files; `python -m benchmarks.ingest
     --memory-mb 2048` measures the default settings on a 2 GB CSV. Arrow's readers keep up to 32 blocks
     in flight, so the default block size itself must stay small.
     """

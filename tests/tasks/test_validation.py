@@ -218,3 +218,59 @@ def test_null_pattern_keeps_nulls_dtype_and_index_of_sliced_and_chunked_columns(
         assert pattern.dtype == column.dtype and pattern.index.equals(column.index)
         assert pattern.isna().tolist() == column.isna().tolist()
         assert set(pattern.dropna()) <= {""}
+
+
+def write_parts(store, frames: list[pd.DataFrame], name: str = "tickets") -> list[str]:
+    """Each frame as one Parquet file of a folder; returns their keys in order."""
+    folder = f"datasets/{name}/parts-{stable_hash(str(len(frames)))}"
+    store.filesystem().makedirs(store.path(folder), exist_ok=True)
+    keys = []
+    for i, frame in enumerate(frames):
+        key = f"{folder}/part-{i:05d}.parquet"
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), store.path(key),
+                       filesystem=store.pyarrow_filesystem())
+        keys.append(key)
+    return keys
+
+
+def test_audit_batches_whole_files_up_to_the_budget_and_a_new_schema(lake):
+    """Files are grouped into GX runs by Arrow bytes, in order and whole; a file with another schema
+    (a nullable column added) starts a batch of its own."""
+    from tasks.audit import _batches
+
+    frames = [generate_tickets(300).assign(ticket_id=lambda f, i=i: f["ticket_id"] + 1000 * i) for i in range(3)]
+    frames.append(frames[0].assign(ticket_id=frames[0]["ticket_id"] + 5000, extra=1.0))
+    keys = write_parts(lake, frames)
+    one = pq.read_table(lake.path(keys[0]), filesystem=lake.pyarrow_filesystem()).nbytes
+
+    assert [b.num_rows for b in _batches(lake, keys, 1 << 30)] == [900, 300]
+    assert [b.num_rows for b in _batches(lake, keys, 2 * one + 1)] == [600, 300, 300]
+    assert [b.num_rows for b in _batches(lake, keys, 1)] == [300, 300, 300, 300]
+
+
+def test_audit_verdict_is_the_same_in_one_batch_or_one_per_file(lake, tmp_path):
+    """The same failures (expectation and column) whatever the batch size; failures found in several
+    batches are one entry that says how many more batches had them."""
+    from tasks.audit import audit_files
+
+    frames = [generate_tickets(300).assign(ticket_id=lambda f, i=i: f["ticket_id"].astype("Int64") + 1000 * i)
+              for i in range(3)]
+    frames[0].loc[5, "sentiment"] = 9.0
+    frames[2].loc[7, "sentiment"] = -9.0
+    frames[1].loc[3, "category"] = "spam"
+    frames[2].loc[8, "ticket_id"] = frames[0].loc[1, "ticket_id"]  # a duplicate across files
+    keys = write_parts(lake, frames)
+    spec = spec_of()
+    verdicts = {}
+    for budget in (1, 1 << 30):
+        docs = tmp_path / f"docs-{budget}"
+        audit = audit_files(lake, spec, keys, [], earlier_rows=0, earlier_labels=None, label="tickets@t",
+                            docs_dir=str(docs), batch_bytes=budget)
+        verdicts[budget] = audit
+        assert not audit.success and audit.rows == 900
+    per_file, whole = ({(f.expectation, f.column): f.detail for f in verdicts[b].failed} for b in (1, 1 << 30))
+    assert per_file.keys() == whole.keys() == {
+        ("expect_column_values_to_be_between", "sentiment"), ("expect_column_values_to_be_in_set", "category"),
+        ("expect_column_values_to_be_unique", "ticket_id")}
+    assert per_file[("expect_column_values_to_be_between", "sentiment")].endswith("and in 1 more batch(es) of files")
+    assert whole[("expect_column_values_to_be_between", "sentiment")].startswith("2 rows unexpected")
