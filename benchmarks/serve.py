@@ -10,6 +10,8 @@ What is compared, side by side in one run on this machine:
   encoder (1 torch thread). MLflow's baseline is its best variant: pinned or not, torch threads default or 1.
 - image size: our serving images against an image of the same model built the same way (same base,
   offline from the wheelhouse) with `mlflow` + the model's own requirements instead of our server.
+- 64 connections (issue 16: p99 ≤ 50 ms at c=64 on 2 cores): each of our tabular servers is measured at 8,
+  then at 64 connections on the same process in the same run (serve_linear.py: the same for the linear model).
 - kept components (benchmarks/serve_edge.py): the tabular model through the HAProxy edge against
   direct, and plain gunicorn against `python -m serving` (gunicorn-based since issue 16; same workers).
 - search (benchmarks/serve_search.py): `/search` at 8 and 64 connections against the previous revision's path.
@@ -17,7 +19,8 @@ What is compared, side by side in one run on this machine:
 wrk (Debian's, installed with apt-get when missing) runs with one thread pinned to the last CPU and
 one-process servers (ours, MLflow) are pinned to CPU 0; the two-process server is left unpinned. A Lua
 script sends the POST body and prints the latency percentiles wrk measured (`--latency`).
-Usage: python -m benchmarks.serve [--seconds 10] [--skip-text|-images|-mlflow|-edge|-workers|-search] [--results FILE]
+Usage: python -m benchmarks.serve [--seconds 10] [--skip-text|-images|-mlflow|-edge|-workers|-search]
+       [--only invocations64|edge] [--edge-haproxy VARIANTS] [--results FILE]  (VARIANTS: serve_edge.py)
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ def rec(*args: object, **kw: object) -> dict:
     return record(*args, results=_results, **kw)  # type: ignore[arg-type]  # into this run's results file
 
 ROOT = Path(__file__).resolve().parent.parent
+HIGH = 64  # issue 16's acceptance: `/invocations` p99 ≤ 50 ms at 64 connections on 2 cores
+PROCESSES = (("ours1", "1 process, pinned to CPU 0"), ("ours2", "2 processes, SO_REUSEPORT, unpinned"))
 LUA = """
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
@@ -119,8 +124,7 @@ def save_pyfunc(model_dir: Path, dest: Path) -> Path:
     signature = model_signature(example, predictor.predict(example), predictor.schema.numeric)
     mlflow.pyfunc.save_model(str(dest), python_model=LifecycleModel(), code_paths=code_paths(dest.parent),
                              artifacts={"booster": str(model_dir / "booster.json"),
-                                        "feature_schema": str(model_dir / "feature_schema.json")},
-                             signature=signature,
+                                        "feature_schema": str(model_dir / "feature_schema.json")}, signature=signature,
                              pip_requirements=pip_requirements(bool(predictor.schema.embedding_dim)))
     return dest
 
@@ -196,7 +200,7 @@ def wrk(url: str, payload: str, seconds: int, connections: int, lua_dir: Path) -
     """One wrk run (1 thread pinned to the last CPU); req/s, p50/p99 in ms, errors."""
     script = lua_dir / "post.lua"
     script.write_text(LUA % payload)
-    cpu = str((os.cpu_count() or 1) - 1)
+    cpu = str((os.cpu_count() or 1) - 1)  # the last CPU: one-process servers are on CPU 0
     out = subprocess.run(["taskset", "-c", cpu, ensure_wrk(), "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
                           "--timeout", "10s", "-s", str(script), url], capture_output=True, text=True,
                          timeout=seconds + 60)
@@ -209,17 +213,21 @@ def wrk(url: str, payload: str, seconds: int, connections: int, lua_dir: Path) -
             "non2xx": raw["non2xx"], "requests": raw["requests"]}
 
 
-def measure(name: str, proc_factory, url: str, payload: str, args, work: Path) -> dict:
-    proc = proc_factory()
+def measure(name: str, proc_factory, url: str, payload: str, args, work: Path,
+            connections: tuple[int, ...] = ()) -> dict[int, dict]:
+    """{c: wrk result}: one server start and warm-up, then a run at each of `connections` (default: args')."""
+    proc, out = proc_factory(), {}
     try:
         wrk(url, payload, 2, args.connections, work)  # warm-up (first requests, JIT of caches)
-        result = wrk(url, payload, args.seconds, args.connections, work)
+        for c in connections or (args.connections,):
+            out[c] = wrk(url, payload, args.seconds, c, work)
     finally:
         stop(proc)
-    print(f"  {name}: {result['rps']:.0f} req/s, {note(result)}, non-2xx {result['non2xx']}", flush=True)
-    if result["non2xx"]:
-        raise RuntimeError(f"{name}: {result['non2xx']} non-2xx answers (see the server log)")
-    return result
+    for c, result in out.items():
+        print(f"  {name}, c={c}: {result['rps']:.0f} req/s, {note(result)}, non-2xx {result['non2xx']}", flush=True)
+        if result["non2xx"]:
+            raise RuntimeError(f"{name}: {result['non2xx']} non-2xx answers at c={c} (see the server log)")
+    return out
 
 
 def note(r: dict) -> str:
@@ -229,32 +237,39 @@ def note(r: dict) -> str:
 
 
 def bench_model(kind: str, text: bool, args, work: Path) -> dict[str, dict]:
+    """{"mlflow": its best variant (none: --skip-mlflow), "ours<N>": {c: result}, tabular also at c=HIGH}."""
     model_dir = train_model(work / f"{kind}-model", text=text, rounds=args.rounds)
-    pyfunc = save_pyfunc(model_dir, work / f"{kind}-pyfunc" / "model")
     payload = body(model_dir)
     results: dict[str, dict] = {}
-    port = free_port()
-    # MLflow's baseline is the best of its variants: pinned to CPU 0 like our one-process server, or
-    # free to use both cores; for the text model also with torch on one thread.
+    # MLflow's baseline: its best of pinned to CPU 0 (as our one process), unpinned, text: torch on one thread.
     variants: list[tuple[str, str | None, bool]] = [("pinned to CPU 0", None, True), ("unpinned", None, False)]
-    if text:
-        variants.append(("pinned to CPU 0, OMP_NUM_THREADS=1", "1", True))
-    for i, (label, threads, pin) in enumerate(variants):
+    variants += [("pinned to CPU 0, OMP_NUM_THREADS=1", "1", True)] if text else []
+    pyfunc = save_pyfunc(model_dir, work / f"{kind}-pyfunc" / "model")
+    for i, (label, threads, pin) in enumerate([] if args.skip_mlflow else variants):
         port = free_port()
         r = measure(f"{kind} mlflow models serve, {label}",
                     lambda port=port, i=i, threads=threads, pin=pin: mlflow_server(
                         pyfunc, port, work / f"{kind}-mlflow{i}.log", threads=threads, pin=pin),
-                    f"http://127.0.0.1:{port}/invocations", payload, args, work)
+                    f"http://127.0.0.1:{port}/invocations", payload, args, work)[args.connections]
         if "mlflow" not in results or r["rps"] > results["mlflow"]["rps"]:
             results["mlflow"] = {**r, "variant": label}
     for workers in ((1, 2) if not text else (1,)):
         port = free_port()
         results[f"ours{workers}"] = measure(
-            f"{kind} ours, {workers} process(es)",
-            lambda port=port, workers=workers: our_server(
+            f"{kind} ours, {workers} process(es)", lambda port=port, workers=workers: our_server(
                 model_dir, port, workers, work / f"{kind}-ours{workers}.log"),
-            f"http://127.0.0.1:{port}/invocations", payload, args, work)
+            f"http://127.0.0.1:{port}/invocations", payload, args, work, () if text else (args.connections, HIGH))
     return results
+
+
+def record_high(rec, model: str, results: dict[str, dict], c: int) -> None:
+    """`serve.invocations.*` at HIGH connections against the same server process at c in the same run."""
+    for key, label in ((k, label) for k, label in PROCESSES if HIGH in results.get(k, {})):
+        r, low = results[key][HIGH], results[key][c]
+        rec(f"serve.invocations.p99 ({model}, {label}, c={HIGH}, 1 row)", r["p99_ms"], "ms", goal="p99 ≤ 50 ms",
+            baseline=f"the same server at c={c}, same run", baseline_value=low["p99_ms"], higher_is_better=False)
+        rec(f"serve.invocations.rps ({model}, {label}, c={HIGH}, 1 row)", r["rps"], "req/s",
+            baseline=f"the same server at c={c}, same run ({note(low)})", baseline_value=low["rps"])
 
 
 # --- image sizes --------------------------------------------------------------------------------------
@@ -325,35 +340,23 @@ def image_sizes(work: Path) -> None:
                goal="reported (no mlflow+torch reference built)")
 
 
-def kept(model_dir: Path, args: argparse.Namespace, work: Path, trees: int) -> None:
-    """The kept-component comparisons (benchmarks/serve_edge.py) on the tabular model."""
+def main(argv: list[str] | None = None) -> None:
     from benchmarks import serve_edge
 
-    payload = body(model_dir)
-    if not args.skip_edge:
-        pair = serve_edge.bench_edge(model_dir, payload, args, work)
-        if pair is not None:
-            serve_edge.record_edge(rec, *pair, args.connections, trees)
-    if not args.skip_workers:
-        ours, gunicorn = serve_edge.bench_workers(model_dir, payload, args, work)
-        serve_edge.record_workers(rec, ours, gunicorn, args.connections, args.workers)
-
-
-def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=50, help="boosting rounds (x 4 classes = trees)")
-    parser.add_argument("--skip-text", action="store_true")
-    parser.add_argument("--skip-images", action="store_true")
-    parser.add_argument("--skip-mlflow", action="store_true", help="no MLflow comparisons (tabular and text)")
-    parser.add_argument("--skip-edge", action="store_true", help="no HAProxy edge against direct")
-    parser.add_argument("--skip-workers", action="store_true", help="no gunicorn against our supervisor")
-    parser.add_argument("--skip-search", action="store_true", help="no /search against the previous revision")
-    parser.add_argument("--edge-rounds", type=int, default=2, help="direct/edge alternations")
-    parser.add_argument("--workers", type=int, default=2, help="worker processes, ours and gunicorn's")
+    for part, what in (("text", "text model"), ("images", "image sizes"), ("mlflow", "MLflow (tabular and text)"),
+                       ("search", "/search against the previous revision")):
+        parser.add_argument(f"--skip-{part}", action="store_true", help=f"no {what}")
+    parser.add_argument("--only", choices=("invocations64", "edge"),
+                        help=f"just ours at c and c={HIGH} (no MLflow), or just the edge against direct")
     parser.add_argument("--results", type=Path, default=RESULTS, help="JSON lines the figures are appended to")
+    serve_edge.add_arguments(parser)
     args = parser.parse_args(argv)
+    for part in ("text", "images", "mlflow", "edge", "workers", "search") if args.only else ():
+        setattr(args, f"skip_{part}", part != args.only)  # --only X: every other part off, MLflow's too
     global _results
     _results = args.results
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -361,20 +364,17 @@ def main(argv: list[str] | None = None) -> None:
     c = args.connections
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         work, trees = Path(tmp), args.rounds * 4
-        tab = {} if args.skip_mlflow else bench_model("tabular", False, args, work)
+        tab = bench_model("tabular", False, args, work) if not args.skip_mlflow or args.only == "invocations64" else {}
         model_dir = work / "tabular-model"
-        if not model_dir.exists():
-            train_model(model_dir, text=False, rounds=args.rounds)
-        kept(model_dir, args, work, trees)
+        model_dir = model_dir if tab else train_model(model_dir, text=False, rounds=args.rounds)
+        serve_edge.kept(rec, model_dir, body(model_dir), args, work, trees)
         if not args.skip_search:
             from benchmarks import serve_search
 
             serve_search.record_search(rec, serve_search.bench_search(model_dir, args, work))
-        base = tab.get("mlflow")
-        for key, label in (("ours1", "1 process, pinned to CPU 0"), ("ours2", "2 processes, SO_REUSEPORT, unpinned")):
-            if base is None:
-                break
-            r = tab[key]
+        base = tab.get("mlflow") or {}
+        for key, label in PROCESSES if base else ():
+            r = tab[key][c]
             rec(f"serve.tabular.rps ({label}, c={c}, {trees} trees, 1 row)", r["rps"], "req/s",
                    baseline=f"mlflow models serve --env-manager local, best variant: {base['variant']} ({note(base)})",
                    baseline_value=base["rps"], goal="≥ 10× MLflow's req/s")
@@ -382,13 +382,13 @@ def main(argv: list[str] | None = None) -> None:
                    baseline_value=base["p50_ms"], higher_is_better=False)
             rec(f"serve.tabular.p99 ({label}, c={c})", r["p99_ms"], "ms", baseline="mlflow models serve p99",
                    baseline_value=base["p99_ms"], higher_is_better=False, goal="p99 ≤ 10 ms")
+        record_high(rec, f"tabular, {trees} trees", tab, c)  # c=HIGH beside them (alone with --only invocations64)
         if not args.skip_text and not args.skip_mlflow:
             txt = bench_model("text", True, args, work)
-            ours, ref = txt["ours1"], txt["mlflow"]
-            rec(f"serve.text.rps (MiniLM features, micro-batched, 1 process, c={c})", ours["rps"],
-                   "req/s", baseline=f"mlflow models serve of the same pyfunc, best variant: {ref['variant']} "
-                   f"({note(ref)})",
-                   baseline_value=ref["rps"], goal="≥ 3× MLflow's req/s")
+            ours, ref = txt["ours1"][c], txt["mlflow"]
+            rec(f"serve.text.rps (MiniLM features, micro-batched, 1 process, c={c})", ours["rps"], "req/s",
+                baseline=f"mlflow models serve of the same pyfunc, best variant: {ref['variant']} ({note(ref)})",
+                baseline_value=ref["rps"], goal="≥ 3× MLflow's req/s")
             rec(f"serve.text.p99 (micro-batched, 1 process, c={c})", ours["p99_ms"], "ms",
                    baseline="mlflow models serve p99", baseline_value=ref["p99_ms"], higher_is_better=False)
         if not args.skip_images:

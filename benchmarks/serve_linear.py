@@ -7,21 +7,38 @@ exported by tasks/linear_export.py exactly as a train run does), single-row `dat
 to `/invocations`. MLflow: `mlflow models serve --env-manager local` of the pyfunc train logs
 (serving.pyfunc.LifecycleModel with the `linear` artifact), best of pinned to CPU 0 and unpinned.
 Ours: `python -m serving` on the same files (serving/linear.py: the TF-IDF transform and one sparse
-product in numpy, no sklearn, no pandas per request), one process pinned to CPU 0 and two processes.
+product in numpy, no sklearn, no pandas per request), one process pinned to CPU 0 and two processes,
+each at 8 and then at 64 connections on the same process (issue 16: p99 ≤ 50 ms at c=64 on 2 cores;
+`serve.invocations.*`, as serve.py records them for the tabular model). Then the HAProxy edge against
+direct with this model as the backend (benchmarks/serve_edge.py: what the edge adds, without the
+200-tree backend's own queueing in the way).
 
-Usage: python -m benchmarks.serve_linear [--seconds 10] [--rows 4000] [--results FILE]
+Usage: python -m benchmarks.serve_linear [--seconds 10] [--rows 4000] [--only invocations64|edge]
+       [--skip-edge] [--edge-rounds 2] [--edge-haproxy default,nbthread1,nbthread1-cpu1] [--results FILE]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import os
 import tempfile
 from pathlib import Path
 
+from benchmarks import serve_edge
 from benchmarks.harness import RESULTS, record
-from benchmarks.serve import ensure_wrk, free_port, measure, mlflow_server, note, our_server
+from benchmarks.serve import (
+    HIGH,
+    PROCESSES,
+    body,
+    ensure_wrk,
+    free_port,
+    measure,
+    mlflow_server,
+    note,
+    our_server,
+    record_high,
+)
 
 
 def linear_model(dest: Path, rows: int) -> Path:
@@ -55,26 +72,16 @@ def save_pyfunc(model_dir: Path, dest: Path) -> Path:
     return dest
 
 
-def body(model_dir: Path) -> str:
-    """One row of the sample, text included, in MLflow's dataframe_split form."""
-    from lifecycle.features import FeatureSchema
-    from lifecycle.sample import generate_tickets
-
-    schema = FeatureSchema.model_validate_json((model_dir / "feature_schema.json").read_bytes())
-    frame = generate_tickets(1, seed=11)[schema.input_columns]
-    return json.dumps({"dataframe_split": json.loads(frame.to_json(orient="split", index=False))})
-
-
-def bench(args: argparse.Namespace, work: Path) -> dict[str, dict]:
-    model_dir = linear_model(work / "linear-model", args.rows)
+def bench(model_dir: Path, args: argparse.Namespace, work: Path) -> dict[str, dict]:
+    """{"mlflow": its best variant (none with --only), "ours<N>": {c: result} at c and c=HIGH}."""
     pyfunc = save_pyfunc(model_dir, work / "linear-pyfunc" / "model")
-    payload = body(model_dir)
+    payload = body(model_dir)  # serve.body: one sample row, text included (the schema's input columns)
     results: dict[str, dict] = {}
-    for i, (label, pin) in enumerate((("pinned to CPU 0", True), ("unpinned", False))):
+    for i, (label, pin) in enumerate(() if args.only else (("pinned to CPU 0", True), ("unpinned", False))):
         port = free_port()
         r = measure(f"linear mlflow models serve, {label}",
                     lambda port=port, i=i, pin=pin: mlflow_server(pyfunc, port, work / f"mlflow{i}.log", pin=pin),
-                    f"http://127.0.0.1:{port}/invocations", payload, args, work)
+                    f"http://127.0.0.1:{port}/invocations", payload, args, work)[args.connections]
         if "mlflow" not in results or r["rps"] > results["mlflow"]["rps"]:
             results["mlflow"] = {**r, "variant": label}
     for workers in (1, 2):
@@ -82,7 +89,7 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, dict]:
         results[f"ours{workers}"] = measure(
             f"linear ours, {workers} process(es)",
             lambda port=port, workers=workers: our_server(model_dir, port, workers, work / f"ours{workers}.log"),
-            f"http://127.0.0.1:{port}/invocations", payload, args, work)
+            f"http://127.0.0.1:{port}/invocations", payload, args, work, (args.connections, HIGH))
     return results
 
 
@@ -91,22 +98,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--rows", type=int, default=4000, help="sample rows the linear model is fit on")
+    parser.add_argument("--only", choices=("invocations64", "edge"),
+                        help=f"just ours at c and c={HIGH} (no MLflow), or just the edge against direct")
     parser.add_argument("--results", type=Path, default=RESULTS, help="JSON lines the figures are appended to")
+    serve_edge.add_arguments(parser, workers=False)
     args = parser.parse_args(argv)
+    args.skip_edge = args.skip_edge or args.only == "invocations64"
+    rec = functools.partial(record, results=args.results)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     ensure_wrk()
     c = args.connections
     with tempfile.TemporaryDirectory(prefix="bench-serve-linear-") as tmp:
-        results = bench(args, Path(tmp))
-    base = results["mlflow"]
-    for key, label in (("ours1", "1 process, pinned to CPU 0"), ("ours2", "2 processes, SO_REUSEPORT, unpinned")):
-        r = results[key]
-        record(f"serve.linear.rps (TF-IDF + logistic regression, {label}, c={c}, 1 row)", r["rps"], "req/s",
-               baseline=f"mlflow models serve --env-manager local of the same pyfunc, best variant: "
-               f"{base['variant']} ({note(base)})", baseline_value=base["rps"], goal="≥ 10× MLflow's req/s",
-               results=args.results)
-        record(f"serve.linear.p99 ({label}, c={c})", r["p99_ms"], "ms", baseline="mlflow models serve p99",
-               baseline_value=base["p99_ms"], higher_is_better=False, results=args.results)
+        work = Path(tmp)
+        model_dir = linear_model(work / "linear-model", args.rows)
+        results = bench(model_dir, args, work) if args.only != "edge" else {}
+        if not args.skip_edge:
+            serve_edge.run_edge(rec, model_dir, body(model_dir), args, work, model="linear model")
+    base = results.get("mlflow") or {}
+    for key, label in PROCESSES if base else ():
+        r = results[key][c]
+        rec(f"serve.linear.rps (TF-IDF + logistic regression, {label}, c={c}, 1 row)", r["rps"], "req/s",
+            baseline=f"mlflow models serve --env-manager local of the same pyfunc, best variant: "
+            f"{base['variant']} ({note(base)})", baseline_value=base["rps"], goal="≥ 10× MLflow's req/s")
+        rec(f"serve.linear.p99 ({label}, c={c})", r["p99_ms"], "ms", baseline="mlflow models serve p99",
+            baseline_value=base["p99_ms"], higher_is_better=False)
+    record_high(rec, "linear TF-IDF + logistic regression", results, c)
 
 
 if __name__ == "__main__":
