@@ -7,6 +7,8 @@ from typing import Literal
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
+from lifecycle.client_limits import ClientLimits
+
 
 class ServingTarget(Block):
     """A serving target.
@@ -21,6 +23,9 @@ class ServingTarget(Block):
         base_image: Base image for serving images (must provide python3 and venv).
         api_token: Bearer token required by the endpoint; None allows anonymous requests.
         max_body_bytes: Largest request body accepted (413 above it).
+        limits: What one client may cost the endpoint (head size and time, body time, idle time,
+            connections per worker, rows per request); the server enforces them on both kinds, and
+            the docker edge renders its timeouts, 431 head limit and client cap from the same values.
         health_timeout_s: How long a new server may take to become healthy.
         workers: Worker processes per deployment under one gunicorn arbiter, which replaces a worker
             that dies (2 doubles tabular throughput on 2 cores; text models batch through one encoder,
@@ -41,6 +46,9 @@ class ServingTarget(Block):
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Request size limit in bytes.")
     health_timeout_s: float = Field(120.0, gt=0, description="Seconds to wait for a healthy server.")
     workers: int = Field(1, ge=1, le=64, description="Server processes sharing the port (SO_REUSEPORT).")
+    limits: ClientLimits = Field(default_factory=ClientLimits,
+                                 description="Bounds on every client: head bytes/time, body time, idle time, "
+                                 "connections per worker, rows per request (the docker edge uses them too).")
 
     @property
     def endpoint(self) -> str:

@@ -19,6 +19,8 @@ Why this shape:
 - **Secrets stay out of images and `docker inspect`**: config.json (and the token) are put into
   `/app/run` (0400, uid 10001) between create and start. Backends run as uid 10001 with all
   capabilities dropped and no-new-privileges; a local LanceDB folder is mounted read-only.
+- **One set of client bounds**: the edge's timeouts, 431 head limit and client cap are derived from the
+  target's `limits`, which the server behind it enforces too (`edge_config`), as on the process target.
 """
 
 from __future__ import annotations
@@ -113,20 +115,47 @@ def remove(container: Any | None, grace_s: float = 10.0) -> None:
 
 
 def edge_config(target: ServingTarget) -> haproxy.EdgeConfig:
-    """The edge's HAProxy settings for the target (default timeouts, the target's body limit)."""
-    return haproxy.EdgeConfig(max_body_bytes=target.max_body_bytes)
+    """The edge's HAProxy settings, from the target's `limits`, so the edge bounds a client as the server does.
+
+    Head time (and silence before a first request: HAProxy's `http-request` timeout covers it), body time,
+    keep-alive and head size (431) are the server's; `timeout client`, an inactivity bound, is never
+    shorter than a phase it must outlast. The client cap is the server's per-worker cap times the
+    workers behind the edge (HAProxy pools its backend connections: it caps clients, the server caps
+    connections), and `maxconn` stays twice it, so a client past the cap is accepted and answered 503.
+    """
+    limits, default = target.limits, haproxy.EdgeConfig()
+    timeouts = default.timeouts.model_copy(update={
+        "http_request_s": limits.header_timeout_s, "body_s": limits.body_timeout_s,
+        "http_keep_alive_s": limits.keep_alive_s,
+        "client_s": max(default.timeouts.client_s, limits.header_timeout_s, limits.body_timeout_s)})
+    clients = limits.max_connections * target.workers
+    return haproxy.EdgeConfig(max_body_bytes=target.max_body_bytes, max_header_bytes=limits.max_header_bytes,
+                              timeouts=timeouts, max_clients=clients, maxconn=max(default.maxconn, 2 * clients))
 
 
 def ensure_edge(client: Any, target: ServingTarget) -> Any:
-    """The running edge of the target, (re)created when missing or when its image or settings changed.
+    """The running edge of the target, (re)created when missing or made from other settings (image, limits, port).
+
+    A changed edge is replaced and keeps its route: the new container starts from the old one's stored
+    config, so the same backend is live after a brief interruption.
 
     Raises:
         LifecycleError: the base image is missing, or the published port cannot be bound.
     """
     base_image(client, target.base_image)
     ensure_network(client)
-    return haproxy.ensure_edge(client, edge_name(target), target.base_image, NETWORK, (target.host, target.port),
-                               edge_config(target), labels={f"{LABEL}.endpoint": target.endpoint})
+    name, config, publish = edge_name(target), edge_config(target), (target.host, target.port)
+    edge, spec = _get(client, name), haproxy.spec_of(target.base_image, config, publish)
+    if edge is not None and edge.labels.get(f"{haproxy.LABEL}.edge-spec") == spec:
+        if edge.status != "running":
+            edge.start()
+            haproxy.wait_listening(edge, config)
+        return edge
+    route = haproxy.read_route(edge) if edge is not None else haproxy.Route()
+    if edge is not None:
+        edge.remove(force=True)
+    return haproxy.create_edge(client, name, target.base_image, NETWORK, publish, config, route,
+                               labels={f"{LABEL}.endpoint": target.endpoint})
 
 
 # --- backends ------------------------------------------------------------------------------------

@@ -3,8 +3,8 @@
 Why this shape:
 - **A kept proxy, not our own.** HAProxy (Debian bookworm's 2.6, in the base image through
   scripts/docker_setup.sh): timeouts on every phase (a client that stalls in its request head or body
-  gets 408 after `http_request_s`), X-Forwarded-For/-Proto, health checks (`GET /health`), a retry
-  when a pooled connection was closed by the backend, a soft stop that lets in-flight requests finish.
+  gets 408 after `http_request_s` / `body_s`), X-Forwarded-For/-Proto, health checks (`GET /health`), a
+  retry when a pooled connection was closed by the backend, a soft stop that lets in-flight requests finish.
 - **Two server slots, switched through the runtime API.** The backend `serving` has the slots `a` and
   `b`; one is live, the other in maintenance. A rollout points the spare slot at the new backend
   (`set server … addr` and, on docker, `fqdn`), marks it up and ready, then puts the old slot into
@@ -18,6 +18,9 @@ Why this shape:
 - **The admin socket never leaves the container**: a unix socket on a tmpfs, reached with `docker
   exec` (works against a remote docker host too), not a published admin port.
 - **A connection cap with a clear answer**: a connection beyond `max_clients` gets 503 JSON.
+- **A head limit with the server's 431**: with `max_header_bytes` the buffer holds twice it and a larger
+  head gets 431 JSON. A head that overflows the buffer (a 16 MB one) still gets 400: 2.6's H1 mux answers
+  it before any rule runs, with a built-in message that `errorfile 400` does not replace (tried).
 """
 
 from __future__ import annotations
@@ -53,13 +56,15 @@ RuntimeAPI = Callable[[str], str]  # one command line (several joined by `;`) ->
 
 
 class EdgeTimeouts(BaseModel):
-    """How long the edge waits, in seconds. `http_request_s` bounds the whole request (head and body's
-    first buffer): a stalled client gets 408 and is cut. `server_s` bounds a silent backend (504)."""
+    """How long the edge waits, in seconds. `http_request_s` bounds a request head (and a connection's
+    silence before its first request), `body_s` (None: `http_request_s`) the body's first buffer from the
+    last header: a stalled client gets 408 and is cut. `server_s` bounds a silent backend (504)."""
 
     connect_s: float = 5.0
     client_s: float = 60.0
     server_s: float = 60.0
     http_request_s: float = 10.0
+    body_s: float | None = None
     http_keep_alive_s: float = 30.0
     queue_s: float = 5.0
     check_interval_s: float = 2.0
@@ -72,6 +77,7 @@ class EdgeConfig(BaseModel):
     port: int = EDGE_PORT
     socket_path: str = f"{SOCKET_DIR}/admin.sock"
     max_body_bytes: int | None = None
+    max_header_bytes: int | None = None  # a larger request head gets 431 (None: HAProxy's 16 KB buffer, 400)
     timeouts: EdgeTimeouts = EdgeTimeouts()
     nameserver: str | None = DOCKER_DNS  # None: servers are IP:port (an edge on the host, tests)
     maxconn: int = 4096
@@ -114,40 +120,49 @@ def _ms(seconds: float) -> str:
     return f"{max(1, round(seconds * 1000))}ms"
 
 
+def _json(code: str, message: str) -> str:
+    """The tail of a `deny`/`return` rule that answers `{"error_code", "message"}` JSON, as the app does."""
+    return f"content-type application/json string '{json.dumps({'error_code': code, 'message': message})}'"
+
 
 def render_config(config: EdgeConfig, route: Route) -> str:
     """haproxy.cfg for the edge: one frontend, backend `serving` with the slots `a` and `b`.
 
-    The route's JSON is the first line. Why `http-buffer-request`: HAProxy waits for the body (one
-    buffer) before it picks a server, so a slow client costs the backend nothing and the request can be
-    retried (`retry-on`: a keep-alive connection the backend closed meanwhile).
+    The route's JSON is the first line. Why `wait-for-body` (`option http-buffer-request` with a timeout
+    of its own): HAProxy waits for the body (one buffer) before it picks a server, so a slow client costs
+    the backend nothing and the request can be retried (`retry-on`: a keep-alive connection the backend
+    closed meanwhile). The refusals (503, 431, 413) come before it: no body is awaited for them.
     """
-    t, dns = config.timeouts, config.nameserver is not None
-    busy = json.dumps({"error_code": "SERVICE_UNAVAILABLE", "message": f"edge: {config.max_clients} connections open"})
+    t, dns, head = config.timeouts, config.nameserver is not None, config.max_header_bytes
+    busy = _json("SERVICE_UNAVAILABLE", f"edge: {config.max_clients} connections open")
     lines = [ROUTE_MARK + route.model_dump_json(), "global",
              f"    stats socket {config.socket_path} mode 600 level admin", "    stats timeout 10s",
-             f"    maxconn {config.maxconn}", "    hard-stop-after 30s", "    log stdout format raw local0 info", ""]
+             f"    maxconn {config.maxconn}", "    hard-stop-after 30s", "    log stdout format raw local0 info",
+             # A head is parsed only if it fits one buffer (less the 1 KB rewrite reserve): room for twice the limit.
+             *([f"    tune.bufsize {max(16_384, 2 * head + 1024)}"] if head is not None else []), ""]
     lines += ["resolvers docker", f"    nameserver dns1 {config.nameserver}", "    hold valid 5s", "    hold nx 5s",
               "    accepted_payload_size 8192", ""] if dns else []
     lines += ["defaults", "    mode http", "    log global", "    option httplog", "    option dontlog-normal",
               f"    timeout connect {_ms(t.connect_s)}", f"    timeout client {_ms(t.client_s)}",
               f"    timeout server {_ms(t.server_s)}", f"    timeout http-request {_ms(t.http_request_s)}",
               f"    timeout http-keep-alive {_ms(t.http_keep_alive_s)}", f"    timeout queue {_ms(t.queue_s)}",
-              "    option http-buffer-request", "    option forwardfor", "    option redispatch 1", "    retries 2",
+              "    option forwardfor", "    option redispatch 1", "    retries 2",
               "    retry-on conn-failure empty-response", "",
               "frontend edge", f"    bind {config.bind_host}:{config.port}",
               # Marked when accepted (session scope), so only connections beyond the cap are refused.
               f"    tcp-request connection set-var(sess.over) int(1) if {{ fe_conn gt {config.max_clients} }}",
-              f"    http-request deny deny_status 503 content-type application/json string '{busy}' "
-              "if { var(sess.over) -m int 1 }",
-              "    http-request set-header X-Forwarded-Proto http"]
+              f"    http-request deny deny_status 503 {busy} if {{ var(sess.over) -m int 1 }}"]
+    if head is not None:  # the head as the server counts it, less method and version (2.6 has no req.hdrs_len)
+        too_big = _json("REQUEST_HEADER_FIELDS_TOO_LARGE", f"edge: request head larger than {head} bytes")
+        lines += ["    http-request set-var(txn.url_len) url,length", f"    http-request deny deny_status 431 "
+                  f"{too_big} if {{ req.hdrs,length,add(txn.url_len) gt {head} }}"]
     if config.max_body_bytes is not None:
-        message = json.dumps({"error_code": "REQUEST_TOO_LARGE",
-                              "message": f"edge: request body larger than {config.max_body_bytes} bytes"})
-        lines.append(f"    http-request return status 413 content-type application/json string '{message}' "
+        too_long = _json("REQUEST_TOO_LARGE", f"edge: request body larger than {config.max_body_bytes} bytes")
+        lines.append(f"    http-request return status 413 {too_long} "
                      f"if {{ req.hdr_val(content-length) gt {config.max_body_bytes} }}")
-    lines += ["    default_backend serving", "", f"backend {BACKEND}", "    option httpchk GET /health",
-              "    http-check expect status 200",
+    lines += [f"    http-request wait-for-body time {_ms(t.http_request_s if t.body_s is None else t.body_s)}",
+              "    http-request set-header X-Forwarded-Proto http", "    default_backend serving", "",
+              f"backend {BACKEND}", "    option httpchk GET /health", "    http-check expect status 200",
               f"    default-server check inter {_ms(t.check_interval_s)} fall 3 rise 2"
               + (" resolvers docker init-addr last,libc,none" if dns else "")]
     for slot in SLOTS:
@@ -342,29 +357,6 @@ def create_edge(client: Any, name: str, image: str, network: str, publish: tuple
 def spec_of(image: str, config: EdgeConfig, publish: tuple[str, int]) -> str:
     """The label value `create_edge` gives a container made from these settings."""
     return stable_hash(image, render_config(config, Route()), list(publish), length=12)
-
-
-def ensure_edge(client: Any, name: str, image: str, network: str, publish: tuple[str, int], config: EdgeConfig,
-                labels: dict[str, str] | None = None) -> Any:
-    """The running edge `name`, (re)created when missing or made from other settings.
-
-    A changed edge (new image, timeouts, port) is replaced and keeps its route: the new container
-    starts from the old one's stored config, so the same backend is live after a brief interruption.
-    """
-    import docker
-
-    try:
-        edge = client.containers.get(name)
-    except docker.errors.NotFound:
-        return create_edge(client, name, image, network, publish, config, Route(), labels)
-    if edge.labels.get(f"{LABEL}.edge-spec") == spec_of(image, config, publish):
-        if edge.status != "running":
-            edge.start()
-            wait_listening(edge, config)
-        return edge
-    route = read_route(edge)
-    edge.remove(force=True)
-    return create_edge(client, name, image, network, publish, config, route, labels)
 
 
 def wait_listening(container: Any, config: EdgeConfig, timeout_s: float = 20.0) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 from prefect import task
 
 from infra_blocks import MlflowTarget, ServingTarget, VectorStore
+from lifecycle.client_limits import ClientLimits
 from lifecycle.errors import LifecycleError
 from lifecycle.records import IndexVersion, ModelVersion, stable_hash
 from serving.config import IndexRef, ServingConfig
@@ -61,12 +62,16 @@ def deployment_id(model: ModelVersion, index: IndexVersion | None, target: Servi
     """Deterministic id: same model, index, target and served code → same deployment.
 
     A docker target also hashes its base image, daemon and serving/Dockerfile (what its image is made of).
+    Client limits are hashed like the body limit, since they are in the server's config (and the docker
+    edge's): a changed limit is a new deployment, never a "cached" server with the old bounds. Workers and
+    limits count only when they differ from the defaults: a default target's id is the formula it had before.
     """
     docker = ((target.base_image, target.docker_base_url, (root / DOCKERFILE).read_text())
               if target.kind == "docker" else ())
     workers = (target.workers,) if target.workers != 1 else ()
+    limits = (target.limits.model_dump(),) if target.limits != ClientLimits() else ()
     return stable_hash(model.id, index.id if index else None, target.kind, target.host, target.port,
-                       target.max_body_bytes, serving_code_version(root), *docker, *workers)
+                       target.max_body_bytes, serving_code_version(root), *docker, *workers, *limits)
 
 
 def serving_now(target: ServingTarget, deployment: str) -> RunningServer | None:
@@ -127,7 +132,7 @@ def prepare_snapshot(target: ServingTarget, mlflow: MlflowTarget, model: ModelVe
                        max_chars=int(index.index_params.get("max_chars", 2000)))
     config = ServingConfig(model_dir=str(folder), lineage=lineage, index=ref, api_token=target.api_token,
                            max_body_bytes=target.max_body_bytes, host=target.host, port=target.port,
-                           workers=target.workers)
+                           workers=target.workers, limits=target.limits)
     config.write(folder / CONFIG_FILE)
     return folder
 

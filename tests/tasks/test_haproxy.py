@@ -123,6 +123,29 @@ def test_config_carries_the_route_and_disables_the_spare_slot():
     assert hx.route_of("global\n") == hx.Route() and hx.Route().spare() == "a"
 
 
+def test_the_docker_edge_is_rendered_from_the_targets_client_limits():
+    from infra_blocks import ServingTarget
+    from lifecycle.client_limits import ClientLimits
+    from tasks.docker_serving import edge_config
+
+    limits = ClientLimits(max_header_bytes=8192, header_timeout_s=3.0, body_timeout_s=90.0, keep_alive_s=2.0,
+                          max_connections=50)
+    config = edge_config(ServingTarget(kind="docker", workers=2, max_body_bytes=4096, limits=limits))
+    assert (config.max_header_bytes, config.max_clients, config.maxconn) == (8192, 100, 4096)
+    text = hx.render_config(config, hx.Route())
+    for line in ("    timeout http-request 3000ms\n", "    http-request wait-for-body time 90000ms\n",
+                 "    timeout http-keep-alive 2000ms\n", "    timeout client 90000ms\n",  # outlasts the body
+                 "    tune.bufsize 17408\n", "{ fe_conn gt 100 }", "edge: 100 connections open",
+                 "deny deny_status 431", "request head larger than 8192 bytes", "add(txn.url_len) gt 8192 }",
+                 "req.hdr_val(content-length) gt 4096"):
+        assert line in text, line
+    assert text.index("deny_status 431") < text.index("wait-for-body")  # refused before a body is awaited
+    many = edge_config(ServingTarget(kind="docker", workers=8, limits=ClientLimits(max_connections=1000)))
+    assert (many.max_clients, many.maxconn) == (8000, 16000)  # room to accept, and 503, past the cap
+    plain = hx.render_config(hx.EdgeConfig(), hx.Route())  # as the benchmarks and older callers build it
+    assert "tune.bufsize" not in plain and "431" not in plain and "wait-for-body time 10000ms" in plain
+
+
 def test_switch_commands_mark_the_new_slot_up_before_retiring_the_old() -> None:
     assert hx.switch_commands("b", "172.18.0.5", 8080, "lifecycle-x") == [
         "set server serving/b fqdn lifecycle-x", "set server serving/b addr 172.18.0.5 port 8080",
@@ -154,7 +177,9 @@ def test_show_stat_is_parsed_into_slot_states():
 def test_rendered_configs_are_valid_haproxy(tmp_path: Path):
     route = hx.Route(live="a", slots={"a": hx.Upstream(address="127.0.0.1:5000")})
     for config in (hx.EdgeConfig(max_body_bytes=1024, socket_path=str(tmp_path / "s")),
-                   hx.EdgeConfig(nameserver=None, socket_path=str(tmp_path / "s"))):
+                   hx.EdgeConfig(nameserver=None, socket_path=str(tmp_path / "s")),
+                   hx.EdgeConfig(max_header_bytes=1_048_576, timeouts=timeouts(body_s=30.0),
+                                 socket_path=str(tmp_path / "s"))):
         path = tmp_path / "haproxy.cfg"
         path.write_text(hx.render_config(config, route))
         check = subprocess.run([HAPROXY or "haproxy", "-c", "-f", str(path)], capture_output=True, text=True)
@@ -263,6 +288,42 @@ def test_past_the_client_cap_new_connections_get_503_while_old_ones_are_served(t
                 sock.close()
             time.sleep(0.2)
             assert httpx.get(f"{url}/version").status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@needs_haproxy
+def test_a_head_over_the_limit_gets_431_and_body_and_head_have_their_own_timeouts(tmp_path: Path, backends):
+    config = hx.EdgeConfig(bind_host="127.0.0.1", port=free_port(), socket_path=str(tmp_path / "admin.sock"),
+                           timeouts=timeouts(body_s=2.0), nameserver=None, max_header_bytes=8192)
+    route = hx.Route(live="a", slots={"a": hx.Upstream(address=f"127.0.0.1:{backends['blue'][1]}")})
+    proc = hx.start_local(config, route, tmp_path / "edge", HAPROXY or "haproxy")
+    url = f"http://127.0.0.1:{config.port}"
+
+    def answer(head: bytes, then: bytes = b"") -> tuple[bytes, float]:
+        with socket.create_connection(("127.0.0.1", config.port), timeout=10) as sock:
+            t0 = time.monotonic()
+            sock.sendall(head + then)
+            data = b""
+            while b"\r\n\r\n" not in data and (chunk := sock.recv(65536)):
+                data += chunk
+            return data, time.monotonic() - t0
+
+    try:
+        assert httpx.get(f"{url}/version", headers={"X-Big": "a" * 6000}).status_code == 200
+        too_big = httpx.get(f"{url}/version", headers={"X-Big": "a" * 10_000})
+        assert too_big.status_code == 431 and too_big.json() == {
+            "error_code": "REQUEST_HEADER_FIELDS_TOO_LARGE", "message": "edge: request head larger than 8192 bytes"}
+        # A head beyond the buffer (twice the limit) is refused by HAProxy's parser with its own 400.
+        huge, _ = answer(b"GET /version HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40_000 + b"\r\n\r\n")
+        assert huge.startswith(b"HTTP/1.1 400 "), huge[:80]
+        body = "x" * 200_000  # more than a buffer: forwarded once the buffer is full
+        assert httpx.post(f"{url}/invocations", content=body, timeout=10).json()["body"] == body
+        head, took_head = answer(b"GET /version HTTP/1.1\r\nHost: edge\r\nX-Half: ")
+        assert head.startswith(b"HTTP/1.1 408 ") and 0.9 <= took_head < 1.8, (head[:40], took_head)
+        half, took_body = answer(b"POST /invocations HTTP/1.1\r\nHost: edge\r\nContent-Length: 100\r\n\r\n{")
+        assert half.startswith(b"HTTP/1.1 408 ") and 1.8 <= took_body < 3.0, (half[:40], took_body)
     finally:
         proc.terminate()
         proc.wait(timeout=10)

@@ -14,8 +14,9 @@ import pytest
 from pydantic import SecretStr
 
 from infra_blocks import MlflowTarget, ServingTarget
+from lifecycle.client_limits import ClientLimits
 from lifecycle.errors import LifecycleError
-from lifecycle.records import ModelVersion
+from lifecycle.records import ModelVersion, stable_hash
 from serving.config import ServingConfig
 from serving.model import BOOSTER_FILE, RUN_ARTIFACT_DIR, SCHEMA_FILE
 from tasks import process_serving as srv
@@ -119,6 +120,43 @@ def test_prepare_snapshot_downloads_the_model_files_and_writes_the_config(tmp_pa
     with pytest.raises(LifecycleError, match="feature_schema.json, booster.json or linear_model.npz not found"):
         other = ServingTarget(workdir=target.workdir)
         serving.download_model_files(mlflow, _empty_run(mlflow), Path(other.workdir) / "d2")
+
+
+LIMITS = ClientLimits(max_header_bytes=8192, header_timeout_s=3.0, body_timeout_s=90.0, keep_alive_s=2.0,
+                      max_connections=50, max_rows=500)
+
+
+@pytest.mark.parametrize("kind", ["process", "docker"])
+def test_the_snapshot_config_carries_the_targets_client_limits(tmp_path_factory, target, kind):
+    mlflow, run_id = mlflow_run(tmp_path_factory)
+    limited = target.model_copy(update={"kind": kind, "limits": LIMITS})
+    folder = serving.prepare_snapshot(limited, mlflow, model_version(run_id), None, None, {"deployment_id": kind})
+    config = ServingConfig.read(folder / srv.CONFIG_FILE)
+    assert config.limits == LIMITS and config.max_body_bytes == target.max_body_bytes
+    if kind == "docker":  # the config put into the container keeps them
+        from tasks.docker_serving import container_config
+
+        assert container_config(config, "sha256:image", has_token=True).limits == LIMITS
+    else:  # and the server started from the snapshot enforces them: a 10 KB head is over 8 KB
+        srv.rollout(limited, folder)
+        try:
+            with socket.create_connection(("127.0.0.1", target.port), timeout=10) as sock:
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 10_240 + b"\r\n\r\n")
+                answer = b"".join(iter(lambda: sock.recv(65536), b""))
+            assert answer.startswith(b"HTTP/1.1 431 ") and b"larger than 8192 bytes" in answer, answer[:200]
+        finally:
+            srv.stop_current(limited, grace_s=5)
+
+
+def test_a_changed_limit_is_a_new_deployment_and_the_defaults_keep_older_ids():
+    model = model_version("run-1")
+    default = serving.deployment_id(model, None, ServingTarget())
+    assert serving.deployment_id(model, None, ServingTarget(limits=ClientLimits())) == default
+    assert default == stable_hash(model.id, None, "process", "127.0.0.1", 8765, 1_048_576,
+                                  serving.serving_code_version())  # as before the block had limits
+    changed = {serving.deployment_id(model, None, ServingTarget(limits=LIMITS.model_copy(update=update)))
+               for update in ({}, {"keep_alive_s": 3.0}, {"max_connections": 51})}
+    assert len(changed) == 3 and default not in changed
 
 
 def _empty_run(mlflow: MlflowTarget) -> str:
