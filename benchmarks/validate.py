@@ -6,11 +6,12 @@ above 1M rows are 1M generated rows tiled with fresh ids.
 
 - `gx`: `tasks.validation.validate_frame` — the spec's suite in an ephemeral GX context, including the
   Data Docs page it renders (what the stage runs, minus reading the Parquet parts).
-- `gx_audit`: the same suite as the ingest audit runs it (`tasks/audit.py`): the file-level
-  expectations on batches of whole `ROWS_PER_PART` files up to `AUDIT_BATCH_BYTES` of Arrow data
-  (ids across batches and table-level checks are not GX's). Reading the files is not timed.
-- `gx_files`: the same, one GX run per file: how the audit ran before it batched files (a GX run costs
-  ~0.45 s whatever its size).
+- `gx_audit`: the same suite as the ingest audit runs it (`tasks/audit.py` `FileChecks`): the
+  file-level expectations on batches of whole `ROWS_PER_PART` files up to `AUDIT_BATCH_BYTES` of Arrow
+  data, one GX context for all of them and Data Docs rendered once (ids across batches and table-level
+  checks are not GX's). Reading the files is not timed.
+- `gx_files`: the same, one GX context and run per file: how the audit ran before it batched files (a GX
+  run costs ~0.45 s whatever its size).
 - `pandas`: `pandas_checks` below — every rule of `build_expectations` written directly in pandas, with
   the unexpected counts a report needs. Before timing, both are run on a frame with injected bad rows and
   must name the same failed (expectation, column) pairs, so the two sides check the same things.
@@ -218,10 +219,21 @@ def bench_rows(rows: int, spec, args) -> None:
                 gc.collect()
 
     def gx_audit() -> None:
-        gx_slices([(start, stop) for start, stop, _ in batches])
+        """As tasks.audit.FileChecks runs it: one GX context for every batch, Data Docs rendered once."""
+        import gc
+
+        from tasks.validation import SuiteRuns
+
+        with tempfile.TemporaryDirectory(prefix="gx-docs-") as docs:
+            runs = SuiteRuns(spec, docs, f"tickets@bench-{rows}", file_expectations(spec))
+            for i, (start, stop, _) in enumerate(batches):
+                ok, _, failed = runs.run(frame.iloc[start:stop], f"tickets@bench-{rows}-batch{i:04d}")
+                assert ok and not failed
+                gc.collect()
+            runs.finish()
 
     def gx_files() -> None:
-        gx_slices([(start, min(start + ROWS_PER_PART, rows)) for start in files])
+        gx_slices([(start, min(start + ROWS_PER_PART, rows)) for start in files])  # validate_frame each
 
     def hand() -> None:
         assert pandas_checks(frame, spec) == []

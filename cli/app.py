@@ -180,7 +180,7 @@ def _write_example_request(result, store, text_column: str | None) -> tuple[str,
     path = (lifecycle_home() / "sample" / "request.json").resolve()
     query = None
     try:
-        from tasks.ingest import read_dataset
+        from tasks.lake import read_dataset
 
         frame = read_dataset(store, result.dataset).head(20)
         payload = {"dataframe_split": json.loads(frame.head(2).to_json(orient="split", index=False))}

@@ -35,6 +35,7 @@ from lifecycle.records import DatasetVersion, FailedExpectation, ValidationRepor
 from lifecycle.spec import DatasetSpec, Task
 from tasks.policies import retry_unless_user_error
 from tasks.validation import (
+    SuiteRuns,
     build_expectations,
     copy_docs,
     docs_prefix,
@@ -42,7 +43,6 @@ from tasks.validation import (
     read_file_table,
     stored_report,
     to_frame,
-    validate_frame,
     version_label,
 )
 from tasks.validation_report import EXAMPLES, describe_failure
@@ -163,10 +163,62 @@ def labels_of(store: ObjectStore, spec: DatasetSpec, keys: list[str]) -> set[str
     return found
 
 
+class FileChecks:
+    """The GX suite's verdicts on the new rows, one GX run per batch (`check`), gathered for the audit.
+
+    Ingest `add`s the rows it writes, as it writes them, and `flush`es at the end (no read back from the
+    store: at 10M rows on S3 reading the files back cost as much as the GX runs); `audit_files` without
+    it reads the files in batches (`_batches`).
+    """
+
+    def __init__(self, spec: DatasetSpec, label: str, docs_dir: str, budget: int | None = None) -> None:
+        self.spec, self.label, self.docs_dir = spec, label, docs_dir
+        self.budget = budget or AUDIT_BATCH_BYTES
+        self.success, self.rows, self.runs = True, 0, 0
+        self._suite: SuiteRuns | None = None  # one GX context for every batch (tasks.validation.SuiteRuns)
+        self.by_check: dict[tuple[str, str | None], list[FailedExpectation]] = {}
+        self._pending: list[pa.Table] = []
+        self._size = 0
+
+    def add(self, table: pa.Table) -> None:
+        """Rows as they are written; checked once `budget` Arrow bytes have gathered (or at `flush`)."""
+        self._pending.append(table)
+        self._size += table.nbytes
+        if self._size >= self.budget:
+            self.flush()
+
+    def finish(self) -> None:
+        """Check what is pending and render the Data Docs of every batch, once."""
+        self.flush()
+        if self._suite is not None:
+            self._suite.finish()
+            self._suite = None
+
+    def flush(self) -> None:
+        if self._pending:
+            self._size = 0
+            self.check(_joined(self._pending))
+
+    def check(self, batch: pa.Table) -> None:
+        """Validate one batch (the caller hands over its only reference: the conversion frees it)."""
+        self.rows += batch.num_rows
+        frame = to_frame(batch)
+        del batch
+        if self._suite is None:
+            self._suite = SuiteRuns(self.spec, self.docs_dir, self.label, file_expectations(self.spec))
+        ok, _, failed = self._suite.run(frame, f"{self.label}-batch{self.runs:04d}")
+        self.success, self.runs = self.success and ok, self.runs + 1
+        del frame
+        gc.collect()  # GX run results are webs of reference cycles: ~2 MB a run otherwise, until a full collection
+        pa.default_memory_pool().release_unused()  # the batch's Arrow buffers back to the system, not kept
+        for f in failed:
+            self.by_check.setdefault((f.expectation, f.column), []).append(f)
+
+
 def audit_files(store: ObjectStore, spec: DatasetSpec, new: list[str], earlier: list[str], *, earlier_rows: int,
                 earlier_labels: set[str] | None, label: str, docs_dir: str,
                 id_ranges: dict[str, tuple[int, int]] | None = None,
-                batch_bytes: int | None = None) -> Audit:
+                batch_bytes: int | None = None, checked: FileChecks | None = None) -> Audit:
     """Validate new files (GX per batch of files, Data Docs into `docs_dir`) and the table they would make.
 
     Args:
@@ -176,22 +228,16 @@ def audit_files(store: ObjectStore, spec: DatasetSpec, new: list[str], earlier: 
         label: the name the Data Docs pages carry (`<dataset>@<id>`).
         id_ranges: (min, max) id of new and earlier files, where known (`id_failures`).
         batch_bytes: Arrow bytes per GX run (`_batches`); None: `AUDIT_BATCH_BYTES`.
+        checked: the GX verdicts on exactly the rows of `new`, already run (ingest's); None: run here.
     """
     expectations = file_expectations(spec)
-    by_check: dict[tuple[str, str | None], list[FailedExpectation]] = {}
-    success, rows = True, 0
-    for i, batch in enumerate(_batches(store, new, batch_bytes or AUDIT_BATCH_BYTES)):
-        rows += batch.num_rows
-        frame = to_frame(batch)
-        del batch  # to_frame released the table's buffers as it converted them
-        ok, _, failed = validate_frame(frame, spec, f"{label}-batch{i:04d}", docs_dir,
-                                       expectations=file_expectations(spec))  # GX binds each to one suite
-        success = success and ok
-        del frame
-        gc.collect()  # each GX context is a web of reference cycles: ~2 MB a run otherwise, until a full collection
-        pa.default_memory_pool().release_unused()  # the batch's Arrow buffers back to the system, not kept
-        for f in failed:
-            by_check.setdefault((f.expectation, f.column), []).append(f)
+    if checked is None:
+        checked = FileChecks(spec, label, docs_dir, batch_bytes)
+        for batch in _batches(store, new, checked.budget):
+            checked.check(batch)
+            del batch
+    checked.finish()
+    by_check, success, rows = checked.by_check, checked.success, checked.rows
     failed = [_merged(found) for found in by_check.values()]
 
     duplicates = id_failures(store, spec, new, earlier, id_ranges)

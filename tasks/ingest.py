@@ -5,10 +5,10 @@ Write–audit–publish, and how it fits the stage table (flows/stages.py):
   hashed (`lifecycle.streaming.ContentHash`, independent of batch boundaries) and written as Parquet
   files straight into the table location `datasets/<name>/`. Files no commit names are invisible to
   every Delta reader, so nothing is copied on commit.
-- **audit**: the new files pass the GX suite one file at a time, and the table-level checks read only
-  the id column and the commit metadata (tasks/audit.py). A landing that fails is moved under
-  `quarantine/<name>/<id>/` with its report and Data Docs and raises `LandingQuarantined`; the table
-  does not change.
+- **audit**: the new rows pass the GX suite in batches as they are written (no read back), and the
+  table-level checks read only the id column and the commit metadata (tasks/audit.py). A landing that
+  fails is moved under `quarantine/<name>/<id>/` with its report and Data Docs and raises
+  `LandingQuarantined`; the table does not change.
 - **publish**: one Delta commit (`tasks.lake.commit_files`): `append` (default; each landing or source
   one commit) or `replace` (an overwrite commit). The ingest stage therefore does write + audit +
   commit; the validate stage publishes the report the audit left (`tasks.audit.validate_task` finds
@@ -36,7 +36,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import task
@@ -58,7 +57,7 @@ from lifecycle.records import (
 )
 from lifecycle.spec import DatasetSpec
 from lifecycle.streaming import ContentHash, prefetch
-from tasks.audit import UNIQUE, Audit, audit_files, id_failures, in_suite_order, table_failures
+from tasks.audit import UNIQUE, Audit, FileChecks, audit_files, id_failures, in_suite_order, table_failures
 from tasks.lake import (
     MAX_LABELS,
     CommitConflict,
@@ -73,6 +72,7 @@ from tasks.lake import (
     table_state,
     version_record,
 )
+from tasks.lake import read_dataset as read_dataset  # re-exported: cli, tests, benchmarks
 from tasks.landing import object_etag
 from tasks.policies import retry_unless_user_error
 from tasks.records import find_record
@@ -147,20 +147,22 @@ def _ingest(store: ObjectStore, spec: DatasetSpec, log=None) -> DatasetVersion:
         return _current(store, spec, state)
     written = Written()
     committed = False
+    append = state is not None and spec.ingest.mode == "append"
     try:
-        _write(store, spec, state, written, log)
-        if state is not None and _already(state, spec, written.added_hash, object_key):
-            _say(log, "ingest %s: the same rows are already in the table (version %d)", spec.name, state.version)
-            return _current(store, spec, state)
-        append = state is not None and spec.ingest.mode == "append"
-        candidate = chained_hash(state.content_hash if append and state else None, written.added_hash)[:16]
         with tempfile.TemporaryDirectory(prefix="gx-docs-") as docs_dir:
+            checks = FileChecks(spec, f"{spec.name}@landing-{uuid.uuid4().hex[:8]}", docs_dir)  # id not known yet
+            _write(store, spec, state, written, log, checks)
+            if state is not None and _already(state, spec, written.added_hash, object_key):
+                _say(log, "ingest %s: the same rows are already in the table (version %d)", spec.name, state.version)
+                return _current(store, spec, state)
+            checks.flush()  # the last rows: after the repeat check, so a source ingested already costs no GX run
+            candidate = chained_hash(state.content_hash if append and state else None, written.added_hash)[:16]
             audit = audit_files(
                 store, spec, written.keys(spec.name), state.keys() if append and state else [],
                 earlier_rows=state.rows if append and state else 0,
                 earlier_labels=(state.labels if append and state else set()),
                 label=f"{spec.name}@{candidate}", docs_dir=docs_dir,
-                id_ranges=written.id_ranges(spec, state if append else None))
+                id_ranges=written.id_ranges(spec, state if append else None), checked=checks)
             version = _publish(store, spec, state, written, audit, object_key) if audit.success else None
             if not audit.success:  # failed here, or against what a concurrent writer committed first
                 _quarantine(store, spec, written, audit, candidate, docs_dir)
@@ -210,12 +212,14 @@ def _hashed(tables: Iterator[tuple[str, pa.Table]], hasher: ContentHash) -> Iter
         yield shown, table
 
 
-def _write(store: ObjectStore, spec: DatasetSpec, state: TableState | None, out: Written, log=None) -> None:
+def _write(store: ObjectStore, spec: DatasetSpec, state: TableState | None, out: Written, log=None,
+           checks: FileChecks | None = None) -> None:
     """Stream the source into Parquet files in the table location (not committed: invisible).
 
     The schema is checked against the table's at the first batch, before anything is written. Reading
     and hashing run in the prefetch thread, encoding and uploading here; finished files close in a
-    helper thread (on S3 a close waits for the last chunk's upload).
+    helper thread (on S3 a close waits for the last chunk's upload). `checks` gets the written rows
+    (the audit's GX runs, in batches, on what is in memory already); the caller flushes the last batch.
     """
     run = uuid.uuid4().hex[:12]
     folder = table_key(spec.name)
@@ -245,6 +249,8 @@ def _write(store: ObjectStore, spec: DatasetSpec, state: TableState | None, out:
                 take = min(ROWS_PER_PART - part_rows, table.num_rows - offset)
                 piece = table.slice(offset, take)
                 writer.write_table(piece)
+                if checks is not None:
+                    checks.add(piece)
                 for col, values in zip(piece.column_names, piece.columns):
                     nulls[col] += values.null_count
                 bounds = int_bounds(piece.column(spec.id_column), bounds)
@@ -378,17 +384,6 @@ def _quarantine(store: ObjectStore, spec: DatasetSpec, written: Written, audit: 
     store.write_bytes(f"{prefix}/report.json", dump_record(report))
     raise LandingQuarantined(f"{spec.name}@{candidate} failed validation: {failure_line(report)} "
                              f"(quarantined under {store.uri(prefix)}; nothing committed)", report)
-
-
-def read_dataset(store: ObjectStore, dataset: DatasetVersion, columns: list[str] | None = None) -> pd.DataFrame:
-    """Exactly that table version as a DataFrame, rows in commit order (small data and tests; stages
-    stream `dataset.parts`). Files written before a column was added read it as nulls."""
-    import pyarrow.dataset as pads
-
-    pafs = store.pyarrow_filesystem()
-    paths = [store.path(k) for k in dataset.parts]
-    schema = pa.unify_schemas([pq.read_schema(p, filesystem=pafs) for p in paths])
-    return pads.dataset(paths, schema=schema, format="parquet", filesystem=pafs).to_table(columns=columns).to_pandas()
 
 
 @task(name="ingest-dataset", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error,

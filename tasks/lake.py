@@ -30,6 +30,7 @@ from lifecycle.errors import LifecycleError
 from lifecycle.records import DatasetVersion
 
 if TYPE_CHECKING:
+    import pandas as pd
     from deltalake import DeltaTable
 
 META = "lifecycle."
@@ -326,3 +327,15 @@ def check_schema(table: pa.Schema, landing: pa.Schema, allowed_new: list[str], w
             raise LifecycleError(f"{where}: column {f.name!r} is {f.type}, the table has "
                                  f"{table.field(f.name).type}; nothing committed")
     return new
+
+
+def read_dataset(store: ObjectStore, dataset: DatasetVersion, columns: list[str] | None = None) -> pd.DataFrame:
+    """Exactly that table version as a DataFrame, rows in commit order (small data and tests; stages
+    stream `dataset.parts`). Files written before a column was added read it as nulls."""
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    pafs = store.pyarrow_filesystem()
+    paths = [store.path(k) for k in dataset.parts]
+    schema = pa.unify_schemas([pq.read_schema(p, filesystem=pafs) for p in paths])
+    return pads.dataset(paths, schema=schema, format="parquet", filesystem=pafs).to_table(columns=columns).to_pandas()

@@ -27,7 +27,8 @@ from tasks.embeddings import (
     run_units,
     text_hashes,
 )
-from tasks.ingest import ingest_dataset, read_dataset
+from tasks.ingest import ingest_dataset
+from tasks.lake import read_dataset
 
 
 def test_prepare_texts_turns_non_strings_into_empty_and_cuts_long_ones():

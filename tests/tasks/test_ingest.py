@@ -16,8 +16,8 @@ import tasks.ingest
 import tasks.sources
 from lifecycle.errors import LifecycleError
 from lifecycle.sample import generate_tickets
-from tasks.ingest import LandingQuarantined, ingest_dataset, read_dataset
-from tasks.lake import table_state
+from tasks.ingest import LandingQuarantined, ingest_dataset
+from tasks.lake import read_dataset, table_state
 from tasks.records import save_record
 
 
@@ -78,6 +78,45 @@ def test_version_does_not_depend_on_batches_or_parts(lake, sample_spec, monkeypa
     assert small.id == whole.id
     assert len(small.parts) == 6 and len(whole.parts) == 1
     assert read_dataset(lake, small).equals(rows)
+
+
+def test_audit_checks_rows_as_written_in_batches_and_a_repeat_runs_no_gx(lake, sample_spec, monkeypatch):
+    """The audit's GX runs get the rows ingest wrote, from memory, in batches of the budget (never read
+    back from the store), in one GX context; a repeat of rows the table has already, within one batch,
+    costs no GX run (the last batch is checked after the repeat check)."""
+    import tasks.audit
+    import tasks.validation
+
+    runs: list[int] = []
+    real_run = tasks.validation.SuiteRuns.run
+
+    def counted(self, frame, run_name, speedups=tasks.validation.ALL_SPEEDUPS):
+        runs.append(len(frame))
+        return real_run(self, frame, run_name, speedups)
+
+    def no_read_back(*args, **kwargs):
+        raise AssertionError("ingest read its new files back for the audit")
+
+    monkeypatch.setattr(tasks.validation.SuiteRuns, "run", counted)
+    monkeypatch.setattr(tasks.audit, "_batches", no_read_back)
+    monkeypatch.setattr(tasks.sources, "BLOCK_BYTES", 4 << 10)  # ~40 rows a batch
+    monkeypatch.setattr(tasks.ingest, "ROWS_PER_PART", 100)
+    monkeypatch.setattr(tasks.audit, "AUDIT_BATCH_BYTES", 40_000)  # a few hundred sample rows
+    contexts = []
+    real_init = tasks.validation.SuiteRuns.__init__
+    monkeypatch.setattr(tasks.validation.SuiteRuns, "__init__",
+                        lambda self, *a, **k: (contexts.append(1), real_init(self, *a, **k))[1])
+
+    version = ingest_dataset(lake, sample_spec)
+    assert version.rows == 600 and sum(runs) == 600 and len(runs) >= 2, runs
+    assert len(contexts) == 1
+    report = tasks.validation.stored_report(lake, sample_spec, version)
+    assert report is not None and report.success and lake.exists(report.docs_key)
+
+    runs.clear()
+    monkeypatch.setattr(tasks.audit, "AUDIT_BATCH_BYTES", 256 << 20)
+    assert ingest_dataset(lake, sample_spec).id == version.id
+    assert runs == []
 
 
 def _bad(tmp_path: Path, name: str, data: bytes) -> str:
