@@ -65,6 +65,31 @@ def test_leave_one_out_truth_skips_each_querys_own_row():
     assert recall_at_k([[1, 2], [3]], [set(), {3}], k=1) == 1.0  # a query with no neighbours is not scored
 
 
+def test_more_ties_than_candidates_count_by_distance(tmp_path):
+    """A query with 100 identical rows (duplicate texts) keeps only 4·k of them as candidates; any of
+    the 100 an index returns is a true neighbour, by its exact distance, not by the kept ids."""
+    import lancedb
+
+    from tasks.index_recall import measure
+
+    rng = np.random.default_rng(3)
+    vectors = rng.normal(size=(400, 8)).astype(np.float32)
+    vectors[100:200] = vectors[0]  # row 0 and 100 copies of it
+    rs = RecallSet.empty([0], vectors[[0]], k=5).add([(list(range(400)), vectors)])
+    (truth,) = rs.truth()
+    assert len(truth) == 20 and truth <= set(range(100, 200)) and truth.kth == pytest.approx(0.0, abs=1e-6)
+    others = sorted(set(range(100, 200)) - truth)[:5]  # tied rows the truth did not keep
+    assert recall_at_k([others], [truth], k=5) == 0.0  # by id alone: the artefact
+    assert recall_at_k([others], [truth], k=5, distances=[[0.0] * 5]) == 1.0
+    assert recall_at_k([[1, 2, 3, 4, 5]], [truth], k=5, distances=[[0.3] * 5]) == 0.0  # farther: misses
+
+    rows = pa.table({"id": pa.array(range(400), pa.int64()),
+                     "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), 8)})
+    table = lancedb.connect(str(tmp_path / "lancedb")).create_table("ties", rows)
+    recall, _, _ = measure(table, vectors[[0]], [truth], 5, {}, [0])
+    assert recall == 1.0  # whichever copies exact search returns
+
+
 def test_ladder_starts_with_ivf_flat_and_resolves_sqrt_partitions():
     assert [rung[0] for rung in ANN_LADDER] == ["ivf_flat", "ivf_hnsw_sq", "ivf_pq"]
     config = index_config("ivf_flat", {"num_partitions": "sqrt"}, 1_000_000)
