@@ -1,8 +1,11 @@
-"""`lifecycle gc`: remove old table files, LanceDB versions and quarantined landings (tasks/retention.py).
+"""`lifecycle gc`: remove old table files, embeddings, LanceDB versions and quarantined landings (tasks/retention.py).
 
 Never removes what a registered model version or a live deployment was built from; nothing younger
-than `--min-age` (an ingest in flight writes its files before it commits them). `--dry-run` prints the
-plan and removes nothing. Exit codes: 0 done (or nothing to do), 1 failed (one line on stderr).
+than `--min-age` (an ingest in flight writes its files before it commits them, an embed its vector
+parts before its record). Embedding sets are kept with the dataset versions they embed, plus the
+latest set; the records of the sets whose parts go are deleted with them (area `embeddings`).
+`--dry-run` prints the plan and removes nothing. Exit codes: 0 done (or nothing to do), 1 failed (one
+line on stderr).
 """
 
 from __future__ import annotations
@@ -59,12 +62,14 @@ def _print(report) -> None:
     kept = Table(title="kept")
     for col in ("area", "dataset", "what", "why"):
         kept.add_column(col, overflow="fold")
-    young = [i for i in report.kept if i.why.startswith("younger than") and i.area == "table"]
+    young: dict[str, list] = {}  # files kept for their age, one row per area
     for item in report.kept:
-        if item not in young:
+        if item.why.startswith("younger than") and item.area in ("table", "embeddings"):
+            young.setdefault(item.area, []).append(item)
+        else:
             kept.add_row(item.area, item.dataset, item.what, item.why)
-    if young:
-        kept.add_row("table", "", f"{len(young)} files", young[0].why)
+    for area, items in young.items():
+        kept.add_row(area, "", f"{len(items)} files", items[0].why)
     if report.kept:
         console.print(kept)
 
@@ -76,10 +81,11 @@ def gc(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; remove nothing."),
     profile: str = typer.Option("local", help="Profile in deployments/profiles or a YAML path."),
 ) -> None:
-    """Remove table files, index versions and quarantined landings nothing needs any more.
+    """Remove table files, embeddings, index versions and quarantined landings nothing needs any more.
 
     Kept: the last KEEP versions of each table, every version a registered model version or a live
-    deployment was built from, and anything younger than --min-age.
+    deployment was built from (with their embedding sets, and the latest set), and anything younger
+    than --min-age.
     """
     prepare_env()
     try:

@@ -41,7 +41,7 @@ def report_markdown(report: RetentionReport) -> str:
 def gc(keep: Annotated[int, Field(ge=1)] = 3, min_age_hours: Annotated[float, Field(ge=0)] = 1.0,
        datasets: list[DatasetName] | None = None, dry_run: bool = False,
        profile: ProfileName | None = None) -> RetentionReport:
-    """Remove table files, LanceDB versions and quarantined landings that nothing needs any more."""
+    """Remove table files, embeddings, LanceDB versions and quarantined landings that nothing needs any more."""
     _, targets = targets_for(profile)
     policy = RetentionPolicy(keep=keep, min_age=timedelta(hours=min_age_hours), datasets=list(datasets or []))
     report = gc_task(targets.store, targets.vectors, policy, dry_run)

@@ -1,4 +1,4 @@
-"""Retention: remove old table files, LanceDB versions and quarantined landings, never what is in use.
+"""Retention: remove old table files, embeddings, LanceDB versions and quarantined landings, never what is in use.
 
 What is kept, and why:
 - **Protected dataset versions**: the last `keep` lifecycle versions of each table, and every dataset
@@ -23,6 +23,10 @@ What is kept, and why:
   cutoff ("tagged version(s) have been marked for cleanup"), so alone it prunes only what is older than
   the oldest kept tag. With pylance (`lancedb[pylance]`), Lance's `cleanup_old_versions(
   error_if_tagged_old_versions=False)` prunes every untagged version; the plan says which applies.
+- **Embeddings** (tasks/retention_embeddings.py): the sets of kept dataset versions, of live indexes and the
+  latest set stay with every part they list (an append's inherited parts included); other parts under
+  `embeddings/<dataset>/` go past `min_age`, and so do the records of the sets that lose one (else the embed
+  stage would reuse them). A record that cannot be read or a broken `extends` chain: nothing goes.
 - **Quarantine**: the newest `keep` landings of each dataset stay, older ones go past `min_age` (records stay).
 
 `plan_retention` only reads; `apply_retention` carries a plan out (a file committed since stays).
@@ -37,12 +41,10 @@ import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
-from typing import Any, Literal
+from datetime import timedelta
+from typing import Any
 
 from prefect import task
-from pydantic import BaseModel, Field
 
 from infra_blocks import ObjectStore, VectorStore
 from lifecycle.errors import LifecycleError
@@ -50,53 +52,19 @@ from lifecycle.records import DatasetVersion, Deployment, IndexVersion, ModelVer
 from tasks.lake import table_key, table_state
 from tasks.lancedb_index import dataset_tag
 from tasks.records import find_record
+from tasks.retention_embeddings import EmbeddingRecords, apply_embeddings, plan_embeddings
+from tasks.retention_items import (
+    Area,
+    Item,
+    Protection,
+    RetentionPolicy,
+    RetentionReport,
+    epoch_seconds,
+    list_objects,
+    object_mtime,
+)
 
-Area = Literal["table", "index", "quarantine"]
 FLOOR_MARGIN_S = 60.0  # lancedb-only prune: how far before the oldest tagged version its cutoff stays
-
-
-class RetentionPolicy(BaseModel):
-    """What `lifecycle gc` keeps beyond what models and deployments were built from."""
-
-    keep: int = Field(3, ge=1, description="Lifecycle versions kept per table (and quarantined landings per dataset).")
-    min_age: timedelta = Field(timedelta(hours=1), description="Nothing younger is removed (writes in flight).")
-    datasets: list[str] = Field(default_factory=list, description="Only these datasets (all when empty).")
-
-
-class Item(BaseModel):
-    """One thing removed (or to be removed) or kept, and why."""
-
-    area: Area
-    dataset: str
-    what: str = Field(..., description="A store key, a table version, an index tag or a quarantined landing.")
-    why: str
-    bytes: int = 0
-    tag: str | None = Field(None, description="The LanceDB tag an index item deletes.")
-
-
-class RetentionReport(BaseModel):
-    """What a retention run removed (or, with `dry_run`, would remove) and what it kept."""
-
-    dry_run: bool
-    policy: RetentionPolicy
-    removed: list[Item] = Field(default_factory=list)
-    kept: list[Item] = Field(default_factory=list)
-
-    @property
-    def bytes_freed(self) -> int:
-        return sum(i.bytes for i in self.removed)
-
-
-@dataclass
-class Protection:
-    """Dataset versions and index tags that models and deployments were built from, per dataset."""
-
-    versions: dict[str, dict[str, list[str]]] = field(default_factory=lambda: defaultdict(dict))
-    tags: dict[str, dict[str, list[str]]] = field(default_factory=lambda: defaultdict(dict))
-    unresolved: dict[str, str] = field(default_factory=dict)
-
-    def add(self, kind: str, dataset: str, key: str, why: str) -> None:
-        getattr(self, kind)[dataset].setdefault(key, []).append(why)
 
 
 def _records(store: ObjectStore, cls: type[R]) -> list[R]:
@@ -130,34 +98,9 @@ def protection(store: ObjectStore) -> Protection:
         index = find_record(store, IndexVersion, deployment.index_version) if deployment.index_version else None
         if index is not None:
             out.add("tags", index.dataset, index.tag, why)
+            out.add("sets", index.dataset, index.embedding_set, why)
             out.add("versions", index.dataset, index.dataset_version, why)
     return out
-
-
-def _mtime(info: dict[str, Any]) -> float | None:
-    """An object's modification time from an fsspec listing (local `mtime`, s3fs `LastModified`)."""
-    return _seconds(info.get("mtime", info.get("LastModified", info.get("last_modified"))))
-
-
-def _seconds(value: Any) -> float | None:
-    """Seconds since the epoch of a datetime (naive: UTC), an ISO string or a number; None otherwise."""
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    if isinstance(value, datetime):
-        return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).timestamp()
-    return float(value) if isinstance(value, (int, float)) else None
-
-
-def _listing(store: ObjectStore, prefix: str) -> dict[str, dict[str, Any]]:
-    """Objects under a prefix: key (relative to the prefix) -> fsspec info, one listing."""
-    base = store.path(prefix)
-    with store.unreachable_as_error(prefix):
-        try:
-            found = store.filesystem().find(base, detail=True)
-        except FileNotFoundError:
-            return {}
-    return {p[len(base) + 1:]: info for p, info in found.items()
-            if p.startswith(base + "/") and info.get("type", "file") != "directory"}
 
 
 TablePlan = tuple[list[Item], list[Item], dict[str, list[str]]]  # remove, kept, kept dataset version ids
@@ -197,12 +140,12 @@ def plan_table(store: ObjectStore, name: str, policy: RetentionPolicy, protect: 
         kept.append(Item(area="table", dataset=name, what=f"version {v}", why="; ".join(dict.fromkeys(keep[v])),
                               bytes=sum(state.sizes.values())))
     added_by = {f: c.version for c in latest.commits for f in c.files}
-    for rel, info in sorted(_listing(store, table_key(name)).items()):
+    for rel, info in sorted(list_objects(store, table_key(name)).items()):
         if rel in referenced or any(part[:1] in "_." for part in rel.split("/")):
             continue
         key = f"{table_key(name)}/{rel}"
         size = int(info.get("size") or 0)
-        mtime = _mtime(info)
+        mtime = object_mtime(info)
         if mtime is None or now - mtime < policy.min_age.total_seconds():
             kept.append(Item(area="table", dataset=name, what=key, bytes=size,
                              why=f"younger than {policy.min_age}: may be an ingest in flight"))
@@ -233,7 +176,7 @@ def plan_index(vectors: VectorStore, name: str, policy: RetentionPolicy, protect
     if name in protect.unresolved:
         return [], [Item(area="index", dataset=name, what=label, why=protect.unresolved[name])]
     min_age = policy.min_age.total_seconds()
-    stamps = {v["version"]: (_seconds(v["timestamp"]) or 0.0) for v in table.list_versions()}
+    stamps = {v["version"]: (epoch_seconds(v["timestamp"]) or 0.0) for v in table.list_versions()}
     wanted = {dataset_tag(d): whys for d, whys in kept_ids.items()}
     for tag, whys in protect.tags.get(name, {}).items():
         wanted.setdefault(tag, []).extend(whys)
@@ -270,15 +213,15 @@ def plan_quarantine(store: ObjectStore, name: str, policy: RetentionPolicy,
     """Quarantined landings of a dataset beyond the newest `keep`, older than `min_age`."""
     prefix = f"quarantine/{name}"
     landings: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
-    for rel, info in _listing(store, prefix).items():
+    for rel, info in list_objects(store, prefix).items():
         landing, _, rest = rel.partition("/")
         landings[landing][rest] = info
     when: dict[str, float] = {}
     for landing, files in landings.items():  # the report's creation time, else the newest file's
-        when[landing] = max((_mtime(i) or now) for i in files.values())
+        when[landing] = max((object_mtime(i) or now) for i in files.values())
         with suppress(LifecycleError, KeyError, ValueError, TypeError):
-            when[landing] = _seconds(json.loads(store.read_bytes(f"{prefix}/{landing}/report.json"))
-                                     ["created_at"]) or when[landing]
+            when[landing] = epoch_seconds(json.loads(store.read_bytes(f"{prefix}/{landing}/report.json"))
+                                          ["created_at"]) or when[landing]
     remove, kept = [], []
     for n, landing in enumerate(sorted(when, key=lambda k: when[k], reverse=True)):
         size = sum(int(i.get("size") or 0) for i in landings[landing].values())
@@ -304,11 +247,12 @@ def plan_retention(store: ObjectStore, vectors: VectorStore | None, policy: Rete
                    now: float | None = None) -> RetentionReport:
     """What a retention run would remove and keep (reads only). `report.removed` is the plan."""
     now = time.time() if now is None else now
-    protect = protection(store)
+    protect, embedding_sets = protection(store), EmbeddingRecords.load(store)
     report = RetentionReport(dry_run=True, policy=policy)
     for name in datasets_in(store, policy):
         remove, kept, kept_ids = plan_table(store, name, policy, protect, now)
-        parts = [(remove, kept), plan_quarantine(store, name, policy, now)]
+        parts = [(remove, kept), plan_quarantine(store, name, policy, now),
+                 plan_embeddings(store, name, policy, protect, kept_ids, embedding_sets, now)]
         if vectors is not None:
             parts.append(plan_index(vectors, name, policy, protect, kept_ids, now))
         for remove, kept in parts:
@@ -332,7 +276,7 @@ def _prune(vectors: VectorStore, table: Any, min_age: timedelta) -> tuple[int, i
         return stats.bytes_removed, stats.old_versions
     import lancedb
 
-    stamps = {v["version"]: (_seconds(v["timestamp"]) or 0.0) for v in table.list_versions()}
+    stamps = {v["version"]: (epoch_seconds(v["timestamp"]) or 0.0) for v in table.list_versions()}
     tagged = [stamps[i["version"]] for i in table.tags.list().values() if i["version"] in stamps]
     floor = min([*tagged, stamps.get(table.version, time.time())]) - FLOOR_MARGIN_S
     age = max(min_age, timedelta(seconds=max(0.0, time.time() - floor)))
@@ -369,6 +313,10 @@ def apply_retention(store: ObjectStore, vectors: VectorStore | None, plan: Reten
             for item in items:
                 store.delete(item.what)
             report.removed.extend(items)
+        elif area == "embeddings":
+            removed, kept = apply_embeddings(store, name, items, plan.policy)
+            report.removed.extend(removed)
+            report.kept.extend(kept)
         elif vectors is not None:
             table = _lance_table(vectors, name)
             if table is None:

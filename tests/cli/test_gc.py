@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from cli.app import app
 from cli.gc import parse_age
 from lifecycle.errors import LifecycleError
-from tests.tasks.test_retention import deploy_from, five_versions
+from tests.tasks.test_retention import deploy_from, five_versions, synthetic_sets
 
 
 @pytest.fixture
@@ -46,6 +46,24 @@ def test_gc_plans_then_removes_what_only_old_versions_used(home):
 
     again = runner.invoke(app, ["gc", "--keep", "2", "--min-age", "0"])
     assert again.exit_code == 0 and "nothing to remove" in again.output
+
+
+def test_gc_shows_embedding_sets_like_the_other_areas(home):
+    """Parts only unkept sets list go with their records; the kept sets are listed with why."""
+    store, records = home
+    synthetic_sets(store, records)
+    runner = CliRunner()
+    doomed = set(records[1].added_files) | set(records[2].added_files)  # keep 1: versions 0 and 4 (and 3's file)
+    gone = {"embeddings/tickets/set1/part-00000.parquet", "embeddings/tickets/set2/part-00000.parquet",
+            "records/embeddings/set1.json", "records/embeddings/set2.json"}
+
+    plan = runner.invoke(app, ["gc", "--keep", "1", "--min-age", "0", "--dry-run"])
+    assert plan.exit_code == 0, plan.output
+    assert f"would remove {len(doomed) + len(gone)} items" in plan.output
+    assert "embeddings" in plan.output and "set0" in plan.output and "set4" in plan.output  # kept, and why
+    done = runner.invoke(app, ["gc", "--keep", "1", "--min-age", "0"])
+    assert done.exit_code == 0 and f"removed {len(doomed) + len(gone)} items" in done.output
+    assert not gone & (set(store.list_keys("embeddings")) | set(store.list_keys("records/embeddings")))
 
 
 def test_gc_keeps_young_files_by_default_and_refuses_a_bad_age(home):

@@ -3,7 +3,7 @@
 Version one (table version 0) stays readable exactly, the last two versions stay, the files only
 versions two and three referenced go, a fresh uncommitted file (an ingest in flight) is never touched,
 and a second run removes nothing. The same on moto's S3 server (in its own process). Quarantined
-landings and LanceDB versions are kept or removed by the same rules.
+landings, LanceDB versions and embedding sets (with their records) are kept or removed by the same rules.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import pyarrow as pa
 from lifecycle.records import (
     DatasetVersion,
     Deployment,
+    EmbeddingSet,
     IndexVersion,
     ModelVersion,
     TrainedModel,
@@ -29,7 +30,7 @@ from lifecycle.spec import parse_spec
 from tasks.ingest import ingest_dataset, quarantine_prefix, read_dataset
 from tasks.lake import table_key, table_uri, version_record
 from tasks.lancedb_index import dataset_tag
-from tasks.records import save_record
+from tasks.records import find_record, save_record
 from tasks.retention import RetentionPolicy, collect_garbage, plan_retention
 
 HOUR = 3600
@@ -225,3 +226,119 @@ def test_index_versions_of_unkept_dataset_versions_are_pruned(lake, sample_spec,
     table.checkout(dataset_tag(records[0].id))
     assert table.to_arrow().column("id").to_pylist() == [0]  # the deployed model's index, by its tag
     assert [i for i in collect_garbage(lake, vectors, policy).removed if i.area == "index"] == []
+
+
+def _own(s: EmbeddingSet) -> set[str]:
+    """The parts a set wrote itself (not those it inherited from the set it extends)."""
+    return {p for p in s.parts if p.startswith(f"embeddings/tickets/{s.id}/")}
+
+
+def _age(store, prefix: str, seconds: float) -> None:
+    for key in store.list_keys(prefix):
+        os.utime(store.path(key), (time.time() - seconds,) * 2)
+
+
+def test_gc_keeps_the_embeddings_of_kept_versions_and_the_latest_set_and_forgets_the_rest(lake, sample_spec,
+                                                                                         local_compute):
+    """Real embed stages over the five versions (appends extend the set before, the replace does not)."""
+    from flows.embed import embed
+    from tasks.embeddings import read_embeddings
+
+    def passed(r: DatasetVersion) -> ValidationReport:
+        return ValidationReport(id=f"report-{r.id}", dataset="tickets", dataset_version=r.id, success=True,
+                                evaluated=10)
+
+    records, frames = five_versions(lake, sample_spec)
+    sets = [embed(sample_spec, r, passed(r), lake, local_compute) for r in records]
+    assert [s.extends for s in sets] == [None, sets[0].id, sets[1].id, None, sets[3].id]
+    deploy_from(lake, records[0])
+    crashed, fresh = "embeddings/tickets/crashed/part-00000.parquet", "embeddings/tickets/inflight/part-00000.parquet"
+    lake.write_bytes(crashed, b"an embed stopped hours ago")
+    _age(lake, "embeddings", 2 * HOUR)  # the table's files stay young: version 2's rows can be embedded again
+    lake.write_bytes(fresh, b"an embed writing right now")
+    policy = RetentionPolicy(keep=1)
+    doomed = _own(sets[1]) | _own(sets[2]) | {crashed}
+    forgotten = {f"records/embeddings/{s.id}.json" for s in sets[1:3]}
+    before = set(lake.list_keys("embeddings"))
+
+    plan = collect_garbage(lake, None, policy, dry_run=True)
+    assert {i.what for i in plan.removed if i.area == "embeddings"} == doomed | forgotten
+    assert set(lake.list_keys("embeddings")) == before and all(find_record(lake, EmbeddingSet, s.id) for s in sets)
+
+    report = collect_garbage(lake, None, policy)
+    assert {i.what for i in report.removed if i.area == "embeddings"} == doomed | forgotten
+    assert set(lake.list_keys("embeddings")) == before - doomed and fresh in before - doomed
+    assert [find_record(lake, EmbeddingSet, s.id) is not None for s in sets] == [True, False, False, True, True]
+    kept = {i.what: i.why for i in report.kept if i.area == "embeddings"}
+    assert "model tickets v1" in kept[f"set {sets[0].id} (dataset version {records[0].id})"]
+    assert "the latest set" in kept[f"set {sets[4].id} (dataset version {records[4].id})"]
+    assert "in a kept set" in kept[f"set {sets[3].id} (dataset version {records[3].id})"]  # set 4 starts with it
+    assert "in flight" in kept[fresh]
+    assert read_embeddings(lake, sets[0]).column("id").to_pylist() == frames[0]["ticket_id"].tolist()
+    assert read_embeddings(lake, sets[4]).column("id").to_pylist() == pd.concat(frames[3:])["ticket_id"].tolist()
+    assert collect_garbage(lake, None, policy).removed == []  # idempotent
+
+    # The embed stage: the latest version is still cached; a version whose set went is embedded again.
+    assert embed(sample_spec, records[4], passed(records[4]), lake, local_compute).created_at == sets[4].created_at
+    again = embed(sample_spec, records[1], passed(records[1]), lake, local_compute)
+    assert again.id == sets[1].id and again.created_at != sets[1].created_at and again.encoded_rows == 400
+    assert read_embeddings(lake, again).column("id").to_pylist() == pd.concat(frames[:2])["ticket_id"].tolist()
+
+
+def synthetic_sets(store, records: list[DatasetVersion]) -> list[EmbeddingSet]:
+    """EmbeddingSet records and parts shaped as the embed stage leaves them for `five_versions`, no encoder:
+    versions 1, 2 and 4 extend the set before (their parts start with its parts), the replace (3) does not."""
+    sets: list[EmbeddingSet] = []
+    for i, record in enumerate(records):
+        base = sets[-1] if i not in (0, 3) else None
+        own = f"embeddings/tickets/set{i}/part-00000.parquet"
+        store.write_bytes(own, b"vectors of version %d" % i)
+        sets.append(EmbeddingSet(id=f"set{i}", dataset="tickets", dataset_version=record.id, model="m", dim=384,
+                                 rows=200, parts=[*(base.parts if base else []), own], encoded_rows=200,
+                                 extends=base.id if base else None))
+        save_record(store, sets[-1])
+    return sets
+
+
+def _embedding_items(report) -> list:
+    return [i for i in report.removed if i.area == "embeddings"]
+
+
+def test_nothing_is_removed_from_embeddings_whose_records_are_unclear(lake, sample_spec):
+    records, _ = five_versions(lake, sample_spec)
+    deploy_from(lake, records[0])
+    sets = synthetic_sets(lake, records)
+    policy = RetentionPolicy(keep=1, min_age=timedelta(0))
+    lake.write_bytes("records/embeddings/torn.json", b'{"id": "torn", "dataset": "tickets", "parts": [')
+    report = plan_retention(lake, None, policy)
+    assert _embedding_items(report) == []
+    assert any(i.what == "every file" and "torn.json cannot be read" in i.why for i in report.kept)
+    lake.delete("records/embeddings/torn.json")
+
+    orphan = sets[2].model_copy(update={"extends": "gone"})  # which set do its parts start with? unknown
+    save_record(lake, orphan)
+    report = plan_retention(lake, None, policy)
+    assert _embedding_items(report) == [] and any("whose record is missing" in i.why for i in report.kept)
+    save_record(lake, sets[4])  # sets back as they were (the latest pointer too)
+    save_record(lake, sets[2].model_copy(update={"parts": sets[2].parts[1:]}))  # not starting with set 1's parts
+    report = plan_retention(lake, None, policy)
+    assert _embedding_items(report) == [] and any("does not start with the parts" in i.why for i in report.kept)
+    save_record(lake, sets[2])
+    save_record(lake, sets[4])
+    assert {i.what for i in _embedding_items(plan_retention(lake, None, policy))} == {
+        "embeddings/tickets/set1/part-00000.parquet", "embeddings/tickets/set2/part-00000.parquet",
+        "records/embeddings/set1.json", "records/embeddings/set2.json"}
+
+
+def test_embedding_gc_on_s3_removes_the_parts_and_records_of_unkept_sets(s3_lake, sample_spec):
+    records, _ = five_versions(s3_lake, sample_spec)
+    deploy_from(s3_lake, records[0])
+    sets = synthetic_sets(s3_lake, records)
+    policy = RetentionPolicy(keep=1, min_age=timedelta(0))
+    report = collect_garbage(s3_lake, None, policy)
+    assert {i.what for i in _embedding_items(report)} == {
+        "embeddings/tickets/set1/part-00000.parquet", "embeddings/tickets/set2/part-00000.parquet",
+        "records/embeddings/set1.json", "records/embeddings/set2.json"}
+    assert set(s3_lake.list_keys("embeddings")) == {p for s in (sets[0], sets[4]) for p in s.parts}
+    assert [find_record(s3_lake, EmbeddingSet, s.id) is not None for s in sets] == [True, False, False, True, True]
+    assert _embedding_items(collect_garbage(s3_lake, None, policy)) == []
