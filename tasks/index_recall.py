@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from infra_blocks import ObjectStore
 from lifecycle.encoder import EMBED_DIM
-from lifecycle.records import EmbeddingSet, IndexType
+from lifecycle.records import EmbeddingSet, IndexType, IndexVersion
 from lifecycle.search import DISTANCE
 from tasks.embeddings import ID, VECTOR, arrow_to_vectors, vectors_to_arrow
 
@@ -276,3 +276,24 @@ def climb_ladder(table: Any, ladder: Ladder, queries: np.ndarray, query_ids: lis
     if log:
         log.warning("index: no ANN setting reached recall %.3f; the table stays exact", target)
     return None
+
+
+def index_markdown(record: IndexVersion) -> str:
+    """The Prefect artifact: what was built and how well it searches."""
+    lines = [
+        f"# Index {record.table} v{record.table_version} (tag `{record.tag}`)",
+        "",
+        f"{record.write}, +{record.added_rows} rows; index {record.index_action}: {record.index_reason}",
+        "",
+        "| rows | index | recall@k | k | p50 ms | p95 ms |",
+        "|---:|---|---:|---:|---:|---:|",
+        f"| {record.rows} | {record.index_type} {record.index_params.get('query') or ''} | {record.recall_at_k:.3f} "
+        f"| {record.k} | {record.p50_ms:.2f} | {record.p95_ms:.2f} |",
+    ]
+    tried = record.index_params.get("tried") or []
+    if tried:
+        lines += ["", "Settings tried (first to reach the target is kept):", "",
+                  "| index | query | recall | p50 ms |", "|---|---|---:|---:|"]
+        lines += [f"| {t['index_type']} | {t['query']} | {t['recall']:.3f} | {t['p50_ms']:.2f} |" if "recall" in t
+                  else f"| {t['index_type']} | build failed: {t['error']} | | |" for t in tried]
+    return "\n".join(lines)

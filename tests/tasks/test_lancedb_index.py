@@ -16,6 +16,7 @@ from lifecycle.sample import SAMPLE_SPEC
 from lifecycle.search import Searcher
 from lifecycle.spec import DatasetSpec
 from tasks.embeddings import vectors_to_arrow
+from tasks import lancedb_index
 from tasks.index_recall import RecallSet, exact_neighbours, index_config, recall_at_k
 from tasks.lancedb_index import ANN_LADDER, build_index, dataset_tag, index_markdown, metadata_columns
 from tasks.records import save_record
@@ -229,6 +230,8 @@ def test_an_append_is_merged_and_extends_the_index_old_tags_keep_old_rows(lake, 
     assert second.table_version > first.table_version
     table = vectors_store.connect().open_table("synth")
     assert [(i.num_indexed_rows, i.num_unindexed_rows) for i in table.list_indices()] == [(5200, 0)]
+    assert "by a delta segment (2 of" in second.index_reason  # the new rows in a segment of their own
+    assert table.index_stats(table.list_indices()[0].name).num_indices == 2
     old = vectors_store.connect().open_table("synth")
     old.checkout(dataset_tag("v1"))
     assert old.count_rows() == 5000 and table.count_rows() == 5200
@@ -240,6 +243,24 @@ def test_an_append_is_merged_and_extends_the_index_old_tags_keep_old_rows(lake, 
     third = build_index(lake, spec, _append(lake, grown, 2300, "v3", seed=6), vectors_store, previous=second)
     assert (third.write, third.index_action, third.trained_rows, third.rows) == ("merge_insert", "rebuilt", 7500, 7500)
     assert "newer than the index" in third.index_reason and third.recall_at_k >= 0.9
+
+
+def test_appends_add_delta_segments_until_the_cap_merges_them(lake, vectors_store, monkeypatch):
+    monkeypatch.setattr(lancedb_index, "MAX_INDEX_SEGMENTS", 3)
+    embeddings, _, _ = _write_synthetic(lake)
+    spec = _spec(ann_min_rows=1000, target_recall=0.9, recall_sample=40, k=10, rebuild_unindexed_fraction=0.5)
+    record = build_index(lake, spec, embeddings, vectors_store)
+    reasons = []
+    for n, version in enumerate(["v2", "v3", "v4"]):
+        embeddings = _append(lake, embeddings, 100, version, seed=10 + n)
+        record = build_index(lake, spec, embeddings, vectors_store, previous=record)
+        assert record.index_action == "extended" and record.recall_at_k >= 0.9
+        table = vectors_store.connect().open_table("synth")
+        reasons.append((record.index_reason.split(" by ")[1].split(" (")[0],
+                        table.index_stats(table.list_indices()[0].name).num_indices))
+    assert reasons == [("a delta segment", 2), ("3 segments merged into one", 1), ("a delta segment", 2)]
+    assert [(i.num_indexed_rows, i.num_unindexed_rows) for i in table.list_indices()] == [(5300, 0)]
+    assert table.search().where("id >= 15000").limit(None).to_arrow().num_rows == 300
 
 
 def test_a_replace_version_overwrites_and_small_appends_stay_exact(lake, vectors_store):
