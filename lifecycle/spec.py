@@ -127,7 +127,8 @@ class EmbedConfig(BaseModel):
     model: Literal["all-MiniLM-L6-v2"] = "all-MiniLM-L6-v2"
     batch_size: int = Field(64, ge=1, le=4096)
     max_chars: int = Field(2000, ge=1, description="Longer texts are truncated before encoding.")
-    rows_per_task: int = Field(2000, ge=1, description="Rows each Dask task embeds.")
+    rows_per_task: int = Field(2000, ge=1, description="Rows each Dask task embeds (fewer when a small "
+                               "version would leave workers idle).")
 
 
 class IndexConfig(BaseModel):

@@ -167,17 +167,33 @@ def _previous_rows(store: ObjectStore, previous: EmbeddingSet | None) -> pd.Data
     return rows.set_index(ID)
 
 
+MIN_UNIT_ROWS = 250  # a unit's scheduling and model-call overhead stays small beside encoding this many
+
+
+def unit_rows(spec: DatasetSpec, rows: int, slots: int) -> int:
+    """Rows per unit: `rows_per_task`, or fewer so that a small version (an append) still fills every
+    worker thread (2,000 appended rows in one unit kept one of two workers idle), never below MIN_UNIT_ROWS."""
+    return max(1, min(spec.embed.rows_per_task, max(MIN_UNIT_ROWS, -(-rows // max(1, slots)))))
+
+
+def worker_slots(compute: DaskCompute) -> int:
+    """Worker threads of the compute target: how many units can run at once."""
+    with compute.get_client(check=False) as client:
+        return sum(client.nthreads().values()) or 1
+
+
 def plan_units(store: ObjectStore, spec: DatasetSpec, dataset: DatasetVersion, set_id: str,
-               previous: EmbeddingSet | None = None, parts: list[str] | None = None) -> list[WorkUnit]:
-    """Split the dataset (or `parts` of it) into units of ~rows_per_task rows, each with its reuse candidates.
+               previous: EmbeddingSet | None = None, parts: list[str] | None = None, slots: int = 1,
+               rows: int | None = None) -> list[WorkUnit]:
+    """Split the dataset (or `parts` of it, holding `rows`) into units (`unit_rows`), each with its reuse candidates.
 
     Only the id column is read here (8 bytes a row for int ids), never the text or vectors.
     """
     prev = _previous_rows(store, previous)
     pafs = store.pyarrow_filesystem()
-    step = spec.embed.rows_per_task
     prefix = set_prefix(spec.name, set_id)
     units: list[WorkUnit] = []
+    step = unit_rows(spec, dataset.rows if rows is None else rows, slots)
     for part in dataset.parts if parts is None else parts:
         ids = pq.read_table(store.path(part), filesystem=pafs, columns=[spec.id_column]).column(0).to_pandas()
         for start in range(0, len(ids), step):
@@ -320,7 +336,7 @@ def _embed_all(store: ObjectStore, spec: DatasetSpec, dataset: DatasetVersion, c
                previous: EmbeddingSet | None, set_id: str, progress: Progress | None) -> EmbeddingSet:
     """Every row of the version: unchanged (id, text) of `previous` copied, the rest encoded."""
     store.delete(set_prefix(spec.name, set_id))  # leftovers of a failed run of this very set
-    units = plan_units(store, spec, dataset, set_id, previous)
+    units = plan_units(store, spec, dataset, set_id, previous, slots=worker_slots(compute))
     results = run_units(compute, units, store, _options(spec, compute, previous), progress, name=set_id)
     encoded = sum(r.encoded for r in results)
     reused = previous if previous is not None and encoded < dataset.rows else None
@@ -333,7 +349,8 @@ def _embed_append(store: ObjectStore, spec: DatasetSpec, dataset: DatasetVersion
                   progress: Progress | None) -> EmbeddingSet | None:
     """Only the files added since `previous`; None when the rows do not add up (then everything is embedded)."""
     store.delete(set_prefix(spec.name, set_id))
-    units = plan_units(store, spec, dataset, set_id, parts=added)
+    units = plan_units(store, spec, dataset, set_id, parts=added, slots=worker_slots(compute),
+                       rows=dataset.rows - previous.rows)
     if previous.rows + sum(u.rows for u in units) != dataset.rows:
         return None
     results = run_units(compute, units, store, _options(spec, compute, None), progress, name=set_id)

@@ -15,8 +15,8 @@ import pytest
 from infra_blocks import ObjectStore
 from lifecycle.encoder import EMBED_DIM, encode, encoded_counts, prepare_texts, relax_malloc_trim
 from lifecycle.errors import LifecycleError
-from lifecycle.sample import generate_tickets, write_sample
-from lifecycle.spec import IngestConfig, load_spec
+from lifecycle.sample import SAMPLE_SPEC, generate_tickets, write_sample
+from lifecycle.spec import DatasetSpec, IngestConfig, load_spec
 from tasks.embeddings import (
     EncodeOptions,
     embed_dataset,
@@ -26,9 +26,14 @@ from tasks.embeddings import (
     read_slice,
     run_units,
     text_hashes,
+    unit_rows,
 )
 from tasks.ingest import ingest_dataset
 from tasks.lake import read_dataset
+
+
+def sample_spec(rows_per_task: int) -> DatasetSpec:
+    return DatasetSpec(**{**SAMPLE_SPEC, "source": "x.csv", "embed": {"rows_per_task": rows_per_task}})
 
 
 def test_prepare_texts_turns_non_strings_into_empty_and_cuts_long_ones():
@@ -43,6 +48,14 @@ def test_malloc_trim_is_relaxed_only_where_it_was_set_tiny(monkeypatch, local_co
     assert relax_malloc_trim() is True
     with local_compute.get_client() as client:  # Dask's nanny sets it in every worker: the case it is for
         assert set(client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_").values()) == {"65536"}
+
+
+def test_units_fill_every_worker_for_small_versions_but_never_get_tiny():
+    spec = sample_spec(rows_per_task=2000)
+    assert unit_rows(spec, 200_000, 2) == 2000  # a large version: rows_per_task
+    assert unit_rows(spec, 2000, 2) == 1000  # a 2,000-row append: one unit per worker, not one in all
+    assert unit_rows(spec, 300, 4) == 250  # never below MIN_UNIT_ROWS
+    assert unit_rows(sample_spec(rows_per_task=100), 2000, 2) == 100  # a smaller rows_per_task stays
 
 
 def test_text_hashes_are_stable_int64():

@@ -15,8 +15,8 @@ from lifecycle.records import DatasetVersion, EmbeddingSet
 from lifecycle.sample import SAMPLE_SPEC
 from lifecycle.search import Searcher
 from lifecycle.spec import DatasetSpec
-from tasks.embeddings import vectors_to_arrow
 from tasks import lancedb_index
+from tasks.embeddings import vectors_to_arrow
 from tasks.index_recall import RecallSet, exact_neighbours, index_config, recall_at_k
 from tasks.lancedb_index import ANN_LADDER, build_index, dataset_tag, index_markdown, metadata_columns
 from tasks.records import save_record
