@@ -202,14 +202,21 @@ class FileChecks:
     def check(self, batch: pa.Table) -> None:
         """Validate one batch (the caller hands over its only reference: the conversion frees it)."""
         self.rows += batch.num_rows
-        frame = to_frame(batch)
-        del batch
-        if self._suite is None:
-            self._suite = SuiteRuns(self.spec, self.docs_dir, self.label, file_expectations(self.spec))
-        ok, _, failed = self._suite.run(frame, f"{self.label}-batch{self.runs:04d}")
-        self.success, self.runs = self.success and ok, self.runs + 1
-        del frame
-        gc.collect()  # GX run results are webs of reference cycles: ~2 MB a run otherwise, until a full collection
+        # GX run results are webs of reference cycles that hold the frame until a full collection. The
+        # process's older objects are frozen first, so the collection after the run scans only what the
+        # run made: a full one cost 0.3 s in an ingest process of a 10M-row table (a 1 % append's audit).
+        gc.freeze()
+        try:
+            frame = to_frame(batch)
+            del batch
+            if self._suite is None:
+                self._suite = SuiteRuns(self.spec, self.docs_dir, self.label, file_expectations(self.spec))
+            ok, _, failed = self._suite.run(frame, f"{self.label}-batch{self.runs:04d}")
+            self.success, self.runs = self.success and ok, self.runs + 1
+            del frame
+            gc.collect()
+        finally:
+            gc.unfreeze()
         pa.default_memory_pool().release_unused()  # the batch's Arrow buffers back to the system, not kept
         for f in failed:
             self.by_check.setdefault((f.expectation, f.column), []).append(f)
