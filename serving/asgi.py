@@ -26,14 +26,16 @@ def create() -> Any:
     path = os.environ.get(CONFIG_ENV)
     if not path:
         raise RuntimeError(f"serving.asgi: set {CONFIG_ENV} to the snapshot's config.json")
-    from serving.__main__ import single_threaded_numerics
+    from serving.__main__ import freeze_startup_heap, single_threaded_numerics
     from serving.config import ServingConfig
 
     config = ServingConfig.read(path)
     single_threaded_numerics(config)  # before numpy and xgboost are imported
     from serving.app import create_app
 
-    return create_app(config)
+    app = create_app(config)
+    freeze_startup_heap()
+    return app
 
 
 def __getattr__(name: str) -> Any:
