@@ -254,17 +254,28 @@ def validate_frame(frame: pd.DataFrame, spec: DatasetSpec, run_name: str, docs_d
     return verdict
 
 
+DOCS_UPLOADS = 8  # Data Docs pages uploaded at once: one PUT each, ~10 per landing
+
+
 def copy_docs(store: ObjectStore, docs_dir: str, prefix: str) -> str:
-    """Copy a rendered Data Docs site into the store under `prefix`; returns the index page's key."""
+    """Copy a rendered Data Docs site into the store under `prefix`; returns the index page's key.
+
+    The pages go up in parallel: one after another they were 0.08 s of a 1 % append's 0.64 s on a
+    local S3 endpoint, and each PUT to a remote store costs a round trip.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     store.delete(prefix)
-    for root, _dirs, files in os.walk(docs_dir):
-        for name in files:
-            if name.endswith(SKIPPED_ASSETS):
-                continue
-            path = os.path.join(root, name)
-            rel = os.path.relpath(path, docs_dir).replace(os.sep, "/")
-            with open(path, "rb") as f:
-                store.write_bytes(f"{prefix}/{rel}", f.read())
+    pages = [os.path.join(root, name) for root, _dirs, files in os.walk(docs_dir) for name in files
+             if not name.endswith(SKIPPED_ASSETS)]
+
+    def upload(path: str) -> None:
+        rel = os.path.relpath(path, docs_dir).replace(os.sep, "/")
+        with open(path, "rb") as f:
+            store.write_bytes(f"{prefix}/{rel}", f.read())
+
+    with ThreadPoolExecutor(max_workers=DOCS_UPLOADS) as pool:
+        list(pool.map(upload, pages))  # list(): the first failed upload raises here
     return f"{prefix}/index.html"
 
 
