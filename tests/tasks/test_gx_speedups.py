@@ -81,6 +81,23 @@ def test_gx_is_restored_after_a_run_and_after_an_error():
         gx_speedups(["nope"]).__enter__()
 
 
+def test_our_unchanged_checkpoint_is_not_read_back_but_a_changed_one_outside_the_fix_is(tmp_path, monkeypatch):
+    from great_expectations.checkpoint.checkpoint import Checkpoint
+
+    from tasks.validation import SuiteRuns
+
+    original = Checkpoint.is_fresh
+    runs = SuiteRuns(parse_spec({**SAMPLE_SPEC, "source": "x.csv"}), str(tmp_path), "tickets@fresh")
+    store = runs.context.checkpoint_store
+    with gx_speedups(["fresh"]):
+        monkeypatch.setattr(store, "get", lambda key: pytest.fail("the checkpoint was read back"))
+        assert runs.checkpoint.is_fresh().success
+        monkeypatch.undo()
+    assert Checkpoint.is_fresh is original
+    runs.checkpoint.result_format = "COMPLETE"  # changed after it was added: GX's own check sees it
+    assert not runs.checkpoint.is_fresh().success
+
+
 def test_overlapping_runs_keep_the_fixes_until_the_last_one_ends():
     """Two validations overlapping in threads: the first out must not unpatch GX under the second."""
     import great_expectations.execution_engine.pandas_execution_engine as engine
