@@ -178,6 +178,7 @@ WITHOUT = {
     "fingerprint": "GX fingerprints the frame",
     "narrow": "column checks given the whole frame",
     "templates": "Data Docs templates compiled per view",
+    "fresh": "checkpoint read back to prove it fresh",
 }
 
 
