@@ -173,7 +173,7 @@ MIN_UNIT_ROWS = 250  # a unit's scheduling and model-call overhead stays small b
 def unit_rows(spec: DatasetSpec, rows: int, slots: int) -> int:
     """Rows per unit: `rows_per_task`, or fewer so that a small version (an append) still fills every
     worker thread (2,000 appended rows in one unit kept one of two workers idle), never below MIN_UNIT_ROWS."""
-    return max(1, min(spec.embed.rows_per_task, max(MIN_UNIT_ROWS, -(-rows // max(1, slots)))))
+    return min(spec.embed.rows_per_task, max(MIN_UNIT_ROWS, -(-rows // max(1, slots))))
 
 
 def worker_slots(compute: DaskCompute) -> int:
