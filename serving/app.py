@@ -61,22 +61,24 @@ def _json(content: Any, status: int = 200, headers: dict[str, str] | None = None
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
-def open_searcher(index: IndexRef, encoder_threads: int | None = None) -> Searcher:
+def open_searcher(index: IndexRef, encoder_threads: int | None = None, precision: str = "auto") -> Searcher:
     """The LanceDB searcher of `lifecycle.search`, imported here so that model-only servers skip lancedb.
 
     The exact table version is preferred to the tag: a tag can be moved to a later build. The query
     encoder gets `encoder_threads` torch threads, as a text model's does (batches, not intra-op
-    threads, give the throughput under load; see ServingConfig.encoder_threads).
+    threads, give the throughput under load; see ServingConfig.encoder_threads), and the weights'
+    `precision` (ServingConfig.search_precision, "auto" resolved for this CPU).
     """
-    from lifecycle.encoder import load_encoder
+    from lifecycle.encoder import load_encoder, query_precision
     from lifecycle.search import Searcher as LanceSearcher
 
-    load_encoder("cpu", encoder_threads)
+    precision = query_precision(precision)
+    load_encoder("cpu", encoder_threads, precision)
 
     version = index.version if index.version is not None else index.tag
     return LanceSearcher(index.uri, index.table, version, storage_options=index.storage_options or None,
                          distance_type=index.distance_type, query_params=index.query_params,
-                         max_chars=index.max_chars)
+                         max_chars=index.max_chars, precision=precision)
 
 
 def header(scope: Scope, name: bytes) -> str | None:
@@ -247,7 +249,7 @@ def create_app(config: ServingConfig, model: Served | None = None,
     if model is None:
         model = load_model(config.model_dir, encoder_threads=config.encoder_threads)  # booster or linear
     if searcher is None and config.index is not None:
-        searcher = open_searcher(config.index, config.encoder_threads)
+        searcher = open_searcher(config.index, config.encoder_threads, config.search_precision)
     secret = config.token()
     batcher = Batcher(model, config.batch_rows) if isinstance(model, ServingModel) and model.needs_text else None
     ep = Endpoints(model, secret.get_secret_value().encode() if secret else None, config, batcher, searcher)

@@ -138,11 +138,19 @@ class QueryBatcher:
     whatever queued while the previous batch ran goes to one worker thread: one encoder call for all
     the texts, then one LanceDB query per distinct (k, filter) with all of its vectors (LanceDB's
     multi-vector query). The event loop only routes. A failing group fails only its own requests.
+
+    Unlike `Batcher`, it waits `collect_s` (1 ms) before taking the queue, but only after a batch of
+    more than one query: the clients that batch answered send their next queries a moment later, and
+    without the wait the worker starts on the few already queued while the rest arrive, so batches
+    alternate between a few and the rest (8 connections: 138 req/s, p50 58 ms; with the wait 225 req/s,
+    p50 35 ms). A lone client (batches of one) never waits.
     """
 
-    def __init__(self, searcher: Any, max_queries: int = 64) -> None:
+    def __init__(self, searcher: Any, max_queries: int = 64, collect_s: float = 0.001) -> None:
         self.searcher = searcher
         self.max_queries = max_queries
+        self.collect_s = collect_s
+        self._last = 0  # queries in the previous batch
         self._queue: asyncio.Queue[tuple[tuple[str, int, str | None], asyncio.Future]] | None = None
         self._worker: asyncio.Task | None = None
         self.batches = 0
@@ -178,8 +186,11 @@ class QueryBatcher:
         assert self._queue is not None
         while True:
             jobs = [await self._queue.get()]
+            if self._last > 1 and self.collect_s > 0:
+                await asyncio.sleep(self.collect_s)
             while len(jobs) < self.max_queries and not self._queue.empty():
                 jobs.append(self._queue.get_nowait())
+            self._last = len(jobs)
             self.batches += 1
             self.queries += len(jobs)
             try:

@@ -51,6 +51,22 @@ def test_queries_find_their_category(indexed, query, category):
     assert set(hits[0]["metadata"]) == {"category", "channel", "plan"}
 
 
+def test_a_bfloat16_query_encoder_finds_what_float32_finds(indexed):
+    """serving's search_precision "auto" runs queries in bfloat16 on AMX CPUs: same vectors to within
+    cosine 0.999, the same nearest row for every query, and (almost) the same top 5."""
+    store, spec, vectors, embeddings, record, exact = indexed
+    half = Searcher.from_record(record, vectors, precision="bfloat16")
+    queries = generate_tickets(40, seed=11)["text"].astype(str).tolist() + ["refund", "", "x" * 3000]
+    a, b = exact.embed_many(queries), half.embed_many(queries)
+    assert b.dtype == np.float32 and np.allclose(np.linalg.norm(b, axis=1), 1, atol=1e-5)
+    assert (a * b).sum(axis=1).min() > 0.999
+    ids = [[[h["id"] for h in hits] for hits in s.search_vectors(v, k=5)] for s, v in ((exact, a), (half, b))]
+    assert [top[0] for top in ids[0]] == [top[0] for top in ids[1]]
+    assert np.mean([len(set(x) & set(y)) / 5 for x, y in zip(*ids)]) >= 0.95
+    with pytest.raises(ValueError, match="precision"):
+        Searcher.from_record(record, vectors, precision="float16")
+
+
 def test_index_of_the_sample_is_exact_with_full_recall(indexed):
     record = indexed[4]
     assert (record.index_type, record.recall_at_k, record.rows, record.k) == ("exact", 1.0, 600, 10)

@@ -102,3 +102,28 @@ def test_concurrent_search_queries_share_encoder_batches(text_model):
     assert sorted(q for batch in fake.embedded for q in batch) == sorted(f"q{i}" for i in range(16))
     assert len(fake.embedded) < 8 and app.state.queries.queries == 16  # shared batches, not one per query
     assert sorted(fake.calls) == sorted((1 + i % 3, f"(category = 'c{i}')") for i in range(16))
+
+
+def test_search_waits_for_stragglers_only_after_a_shared_batch():
+    """After a batch of several queries, a query arriving within `collect_s` joins the one before it
+    (the answered clients come back a moment later); a lone client's query never waits."""
+    from serving.batching import QueryBatcher
+    from tests.serving.test_app import FakeSearcher
+
+    fake = FakeSearcher()
+    queries = QueryBatcher(fake, collect_s=30.0)
+
+    async def scenario() -> None:
+        await asyncio.wait_for(queries.search("lone", 1, None), 10)  # would take 30 s if it waited
+        await asyncio.wait_for(queries.search("alone again", 1, None), 10)
+        await asyncio.gather(*[queries.search(f"q{i}", 1, None) for i in range(3)])  # queued together
+        queries.collect_s = 0.05
+
+        async def later() -> list[dict]:
+            await asyncio.sleep(0.001)  # fires before the batcher's own 50 ms timer
+            return await queries.search("straggler", 1, None)
+
+        await asyncio.wait_for(asyncio.gather(queries.search("first", 1, None), later()), 10)
+
+    asyncio.run(scenario())
+    assert fake.embedded == [["lone"], ["alone again"], ["q0", "q1", "q2"], ["first", "straggler"]]
