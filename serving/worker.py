@@ -8,7 +8,8 @@ accepted connections inherit, so keep-alive responses do not wait for delayed AC
 
 The worker class is uvicorn's (`uvicorn.workers`, deprecated in favour of the `uvicorn-worker`
 package, which is not in the lock; the module is 100 lines and stable); the only change is the
-protocol class and the keep-alive timeout, read from the snapshot config the application carries.
+protocol class, the keep-alive timeout and the event loop, read from the snapshot config the
+application carries.
 """
 
 from __future__ import annotations
@@ -35,3 +36,4 @@ class ServingWorker(UvicornWorker):
         self.config.timeout_keep_alive = limits.keep_alive_s  # type: ignore[assignment]  # call_later takes floats
         self.config.server_header = False
         self.config.access_log = False
+        self.config.loop = config.event_loop if config is not None else "asyncio"  # see ServingConfig.event_loop
