@@ -68,6 +68,7 @@ from tasks.lake import (
     check_schema,
     commit_files,
     int_bounds,
+    state_after,
     table_key,
     table_state,
     version_record,
@@ -167,7 +168,8 @@ def _ingest(store: ObjectStore, spec: DatasetSpec, log=None) -> DatasetVersion:
             if not audit.success:  # failed here, or against what a concurrent writer committed first
                 _quarantine(store, spec, written, audit, candidate, docs_dir)
             committed = version is not None
-            record = version_record(store, spec.name, version)
+            after = state_after(store, state, version) if version is not None and state is not None else None
+            record = version_record(store, spec.name, version, state=after)
             if committed:
                 docs_key = copy_docs(store, docs_dir, docs_prefix(record))
                 report = make_report(spec, spec.name, record.id, True, audit.evaluated, [], docs_key)

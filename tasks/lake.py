@@ -186,12 +186,37 @@ def table_state(store: ObjectStore, name: str, version: int | None = None) -> Ta
             raise LifecycleError(f"{table_uri(store, name)}: no version {version}")
         at = snapshot.version()
         commits = [c for c in (Commit.from_history(e) for e in reversed(latest.history())) if c and c.version <= at]
-        actions = pa.table(snapshot.get_add_actions(flatten=True))
-        paths = actions.column("path").to_pylist()
-        sizes = dict(zip(paths, actions.column("size_bytes").to_pylist()))
-        counts = dict(zip(paths, [n or 0 for n in actions.column("num_records").to_pylist()]))
-        schema = pa.schema(snapshot.schema().to_arrow())
-    return TableState(name=name, table=snapshot, version=at, schema=schema, commits=commits, sizes=sizes,
+        return _state(name, snapshot, commits)
+
+
+def state_after(store: ObjectStore, before: TableState, version: int) -> TableState:
+    """The table at `version`, a commit this process just made on top of `before`.
+
+    Why not `table_state`: reopening the table and reading its whole history again cost ~70 ms against
+    S3 (a DeltaTable open lists the log; the history is one read per version), an eighth of a 1 % append.
+    Here `before`'s table reads only the new log entries and the one new commit. When the table is no
+    longer exactly one commit past `before` (another writer committed in between or since, or a schema
+    commit came first), it is read in full as before.
+    """
+    with store.unreachable_as_error(table_key(before.name)):
+        table = before.table
+        table.update_incremental()
+        if version == before.version + 1 and table.version() == version:
+            new = [c for c in (Commit.from_history(e) for e in table.history(limit=1)) if c and c.version == version]
+            if new:
+                return _state(before.name, table, [*before.commits, *new])
+    state = table_state(store, before.name, version)
+    assert state is not None  # `before` was read from this table
+    return state
+
+
+def _state(name: str, table: DeltaTable, commits: list[Commit]) -> TableState:
+    actions = pa.table(table.get_add_actions(flatten=True))
+    paths = actions.column("path").to_pylist()
+    sizes = dict(zip(paths, actions.column("size_bytes").to_pylist()))
+    counts = dict(zip(paths, [n or 0 for n in actions.column("num_records").to_pylist()]))
+    schema = pa.schema(table.schema().to_arrow())
+    return TableState(name=name, table=table, version=table.version(), schema=schema, commits=commits, sizes=sizes,
                       counts=counts, actions=actions)
 
 

@@ -15,10 +15,11 @@ import pandas as pd
 import pytest
 
 import tasks.ingest
+import tasks.lake
 from lifecycle.errors import LifecycleError
 from lifecycle.sample import generate_tickets
 from tasks.ingest import LandingQuarantined, app_id, ingest_dataset, read_dataset
-from tasks.lake import table_state, table_uri, version_record
+from tasks.lake import state_after, table_state, table_uri, version_record
 from tests.fixtures.s3 import S3_KEY, S3_SECRET
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,6 +69,31 @@ def test_appends_commit_and_every_version_reads_back(store, sample_spec):
     history = table_state(store, "tickets").table.history()
     assert [h["lifecycle.content_hash"][:16] for h in history] == [r.id for r in reversed(records)]
     assert _uncommitted(store) == []
+
+
+def test_the_state_after_a_commit_is_read_incrementally_and_in_full_once_others_committed(lake, sample_spec,
+                                                                                          monkeypatch):
+    """What ingest returns after its commit comes from the new log entries alone (state_after), and is
+    the state `table_state` reads from scratch; a table that moved on further is read in full."""
+    frames = [generate_tickets(900).iloc[i * 300:(i + 1) * 300] for i in range(3)]
+
+    def land(i: int) -> None:
+        ingest_dataset(lake, sample_spec.model_copy(update={"source": _land(lake, f"{i}.csv", frames[i])}))
+
+    def seen(state) -> tuple:
+        return (state.version, state.files, state.sizes, state.counts, state.rows, state.content_hash,
+                [(c.version, c.fields) for c in state.commits], state.schema)
+
+    land(0)
+    before = table_state(lake, "tickets")
+    land(1)
+    full_reads: list[tuple] = []
+    monkeypatch.setattr(tasks.lake, "table_state", lambda *a: full_reads.append(a) or table_state(*a))
+    assert seen(state_after(lake, before, 1)) == seen(table_state(lake, "tickets", 1))
+    assert full_reads == []  # one commit past `before`: the new log entries only
+    land(2)
+    assert seen(state_after(lake, table_state(lake, "tickets", 0), 1)) == seen(table_state(lake, "tickets", 1))
+    assert full_reads[-1] == (lake, "tickets", 1)  # two past: read in full, at the version asked for
 
 
 def test_the_same_landing_twice_commits_once(store, sample_spec, monkeypatch):
