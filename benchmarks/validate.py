@@ -179,6 +179,7 @@ WITHOUT = {
     "narrow": "column checks given the whole frame",
     "templates": "Data Docs templates compiled per view",
     "fresh": "checkpoint read back to prove it fresh",
+    "configs": "each expectation serialised at every read of its configuration",
 }
 
 

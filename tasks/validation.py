@@ -172,7 +172,7 @@ def null_pattern(column: pd.Series) -> pd.Series:
     return pd.Series(type(column.array)(pattern), index=column.index, dtype=column.dtype, name=column.name)
 
 
-# What validate_frame does to keep GX fast; none changes a result (tests/lifecycle/test_gx_speedups.py).
+# What validate_frame does to keep GX fast; none changes a result (tests/tasks/test_gx_speedups.py).
 ALL_SPEEDUPS = ("shape_only", *SPEEDUPS)
 # Counts, percentages and up to 20 example values: all that `describe_failure` and Data Docs read. No
 # unexpected rows or index columns (the `narrow` speedup relies on that); no pandas query string of every
