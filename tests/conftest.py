@@ -9,7 +9,7 @@ import pytest
 
 # Fixture modules for real servers, one module per system.
 pytest_plugins = ["tests.fixtures.s3", "tests.fixtures.dask_mlflow", "tests.fixtures.prefect_server",
-                  "tests.fixtures.docker"]
+                  "tests.fixtures.docker", "tests.fixtures.haproxy"]
 
 # Tests never reach a model hub: the encoder is the package-bundled MiniLM.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

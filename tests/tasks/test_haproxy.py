@@ -1,12 +1,12 @@
 """The HAProxy edge (tasks/haproxy.py): rendering and parsing without HAProxy, then a real `haproxy`
 process on this machine in front of real HTTP backends: switching through the runtime API under load,
-timeouts, forwarded headers, health checks. Skipped (with the reason) where haproxy is not installed;
+timeouts, forwarded headers, health checks. The host haproxy comes from scripts/haproxy_setup.sh (the
+`haproxy` fixture), skipped only where it cannot be installed;
 the edge container is tested in tests/serving/test_edge.py."""
 
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import subprocess
 import threading
@@ -21,9 +21,6 @@ import pytest
 from lifecycle.errors import LifecycleError
 from tasks import haproxy as hx
 from tests.fixtures.polling import Poller
-
-HAPROXY = shutil.which("haproxy")
-needs_haproxy = pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed here (apt-get install haproxy)")
 
 
 def free_port() -> int:
@@ -90,15 +87,13 @@ def backends() -> Iterator[dict[str, tuple[ThreadingHTTPServer, int]]]:
 
 
 @pytest.fixture
-def edge(tmp_path: Path, backends) -> Iterator[tuple[str, hx.EdgeConfig, hx.Route, hx.RuntimeAPI]]:
+def edge(tmp_path: Path, backends, haproxy) -> Iterator[tuple[str, hx.EdgeConfig, hx.Route, hx.RuntimeAPI]]:
     """A host haproxy routing to `blue`; yields (url, config, route, runtime API)."""
-    if HAPROXY is None:
-        pytest.skip("haproxy is not installed here")
     config = hx.EdgeConfig(bind_host="127.0.0.1", port=free_port(), socket_path=str(tmp_path / "admin.sock"),
                            max_body_bytes=2048, timeouts=timeouts(), nameserver=None)
     route = hx.Route(live="a", slots={"a": hx.Upstream(address=f"127.0.0.1:{backends['blue'][1]}",
                                                         deployment_id="blue")})
-    proc = hx.start_local(config, route, tmp_path / "edge", HAPROXY)
+    proc = hx.start_local(config, route, tmp_path / "edge", haproxy)
     yield f"http://127.0.0.1:{config.port}", config, route, hx.socket_api(config.socket_path)
     proc.terminate()
     proc.wait(timeout=10)
@@ -173,8 +168,7 @@ def test_show_stat_is_parsed_into_slot_states():
         hx.parse_stat("Unknown command\n")
 
 
-@needs_haproxy
-def test_rendered_configs_are_valid_haproxy(tmp_path: Path):
+def test_rendered_configs_are_valid_haproxy(tmp_path: Path, haproxy):
     route = hx.Route(live="a", slots={"a": hx.Upstream(address="127.0.0.1:5000")})
     for config in (hx.EdgeConfig(max_body_bytes=1024, socket_path=str(tmp_path / "s")),
                    hx.EdgeConfig(nameserver=None, socket_path=str(tmp_path / "s")),
@@ -182,7 +176,7 @@ def test_rendered_configs_are_valid_haproxy(tmp_path: Path):
                                  socket_path=str(tmp_path / "s"))):
         path = tmp_path / "haproxy.cfg"
         path.write_text(hx.render_config(config, route))
-        check = subprocess.run([HAPROXY or "haproxy", "-c", "-f", str(path)], capture_output=True, text=True)
+        check = subprocess.run([haproxy, "-c", "-f", str(path)], capture_output=True, text=True)
         assert check.returncode == 0, check.stderr
         assert "WARNING" not in check.stderr + check.stdout, check.stderr + check.stdout
 
@@ -260,21 +254,20 @@ def test_body_limit_and_health_checks(edge, backends):
     assert httpx.get(f"{url}/version").status_code == 503
 
 
-def test_refused_commands_and_configs_raise(edge, tmp_path: Path):
+def test_refused_commands_and_configs_raise(edge, tmp_path: Path, haproxy):
     _, _, _, api = edge
     with pytest.raises(LifecycleError, match="failed"):
         hx.command(api, "set server serving/nope state ready")
     with pytest.raises(LifecycleError, match="rejected"):
         hx.start_local(hx.EdgeConfig(bind_host="999.0.0.1", port=free_port(), socket_path=str(tmp_path / "s"),
-                                     nameserver=None), hx.Route(), tmp_path / "bad", HAPROXY or "haproxy")
+                                     nameserver=None), hx.Route(), tmp_path / "bad", haproxy)
 
 
-@needs_haproxy
-def test_past_the_client_cap_new_connections_get_503_while_old_ones_are_served(tmp_path: Path, backends):
+def test_past_the_client_cap_new_connections_get_503_while_old_ones_are_served(tmp_path: Path, backends, haproxy):
     config = hx.EdgeConfig(bind_host="127.0.0.1", port=free_port(), socket_path=str(tmp_path / "admin.sock"),
                            timeouts=timeouts(), nameserver=None, max_clients=3)
     route = hx.Route(live="a", slots={"a": hx.Upstream(address=f"127.0.0.1:{backends['blue'][1]}")})
-    proc = hx.start_local(config, route, tmp_path / "edge", HAPROXY or "haproxy")
+    proc = hx.start_local(config, route, tmp_path / "edge", haproxy)
     url = f"http://127.0.0.1:{config.port}"
     try:
         with httpx.Client(base_url=url) as old:
@@ -293,12 +286,12 @@ def test_past_the_client_cap_new_connections_get_503_while_old_ones_are_served(t
         proc.wait(timeout=10)
 
 
-@needs_haproxy
-def test_a_head_over_the_limit_gets_431_and_body_and_head_have_their_own_timeouts(tmp_path: Path, backends):
+def test_a_head_over_the_limit_gets_431_and_body_and_head_have_their_own_timeouts(tmp_path: Path, backends,
+                                                                                   haproxy):
     config = hx.EdgeConfig(bind_host="127.0.0.1", port=free_port(), socket_path=str(tmp_path / "admin.sock"),
                            timeouts=timeouts(body_s=2.0), nameserver=None, max_header_bytes=8192)
     route = hx.Route(live="a", slots={"a": hx.Upstream(address=f"127.0.0.1:{backends['blue'][1]}")})
-    proc = hx.start_local(config, route, tmp_path / "edge", HAPROXY or "haproxy")
+    proc = hx.start_local(config, route, tmp_path / "edge", haproxy)
     url = f"http://127.0.0.1:{config.port}"
 
     def answer(head: bytes, then: bytes = b"") -> tuple[bytes, float]:
