@@ -90,7 +90,7 @@ def bench_search(model_dir: Path, args: Any, work: Path) -> dict[str, dict[int, 
             config = ServingConfig(model_dir=str(model_dir), lineage={"deployment_id": "bench"}, port=port,
                                    index=IndexRef(uri=uri, table=table),
                                    search_precision="float32" if name == "ours-float32" else "auto")
-            cmd = [sys.executable, "-m", "serving", "--config", str(config.write(work / "search-ours.json"))]
+            cmd = [sys.executable, "-m", "serving", "--config", str(config.write(work / f"search-{name}.json"))]
             env = None
         else:
             (work / "search-previous.json").write_text(json.dumps({"uri": uri, "table": table}))

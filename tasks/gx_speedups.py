@@ -173,8 +173,9 @@ def configurations_built_once() -> Undo:
     assert build is not None
 
     def configuration(self: Any) -> Any:
+        # Set only while this thread is inside a "configs" block (gx_speedups), so it is the activity check too.
         cache: dict[int, tuple[Any, Any]] | None = getattr(_here, "configs", None)
-        if cache is None or not _active_here("configs"):
+        if cache is None:
             return build(self)
         found = cache.get(id(self))
         if found is None:

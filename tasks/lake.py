@@ -196,7 +196,8 @@ def state_after(store: ObjectStore, before: TableState, version: int) -> TableSt
     S3 (a DeltaTable open lists the log; the history is one read per version), an eighth of a 1 % append.
     Here `before`'s table reads only the new log entries and the one new commit. When the table is no
     longer exactly one commit past `before` (another writer committed in between or since, or a schema
-    commit came first), it is read in full as before.
+    commit came first), it is read in full as before. Either way `before.table` has moved on to the
+    latest version afterwards, so `before` must not be used again.
     """
     with store.unreachable_as_error(table_key(before.name)):
         table = before.table
