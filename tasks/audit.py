@@ -99,13 +99,17 @@ def id_failures(store: ObjectStore, spec: DatasetSpec, new: list[str], earlier: 
       ids of one group plus one earlier file's, never the landing's or the table's: a 5 GB landing's
       54M ids held at once were most of its ingest's peak memory.
     - An earlier file whose range holds none of a group's ids is not read for it: appending 1 % of fresh
-      ids to a 10M-row table otherwise spent most of its audit reading old ids.
+      ids to a 10M-row table otherwise spent most of its audit reading old ids. A group of one file
+      that no earlier file's range meets is not read at all (0.4 s of a 1M-row ingest on S3).
     Within a group the ids are sorted once (a hash set costs ~75 bytes an id, the sorted array 8) and
     each earlier file's ids looked up in them by binary search.
     """
     ranges = ranges or {}
     repeated_n, repeated_ex, seen, found = 0, np.array([], dtype=object), 0, np.array([], dtype=object)
     for group in _overlapping(new, ranges, earlier):
+        clash = _earlier_in_range(group, ranges, earlier)
+        if len(group) == 1 and not clash:
+            continue  # ids unique inside a file are the GX suite's; no earlier file's range meets this one's
         ids = np.sort(np.concatenate([_ids(store, k, spec.id_column) for k in group]))
         same = ids[1:] == ids[:-1]
         if len(group) > 1 and same.any():
@@ -113,7 +117,7 @@ def id_failures(store: ObjectStore, spec: DatasetSpec, new: list[str], earlier: 
             repeated_n, repeated_ex = repeated_n + len(repeated), np.concatenate([repeated_ex, repeated[:EXAMPLES]])
         unique = ids[np.concatenate(([True], ~same))] if len(ids) else ids
         del ids, same
-        for key in earlier:
+        for key in clash:
             if key in ranges and len(unique) and unique.dtype != object:
                 lo, hi = ranges[key]
                 if np.searchsorted(unique, lo, "left") == np.searchsorted(unique, hi, "right"):
@@ -156,6 +160,14 @@ def _overlapping(new: list[str], ranges: dict[str, tuple[int, int]], earlier: li
     return groups
 
 
+def _earlier_in_range(group: list[str], ranges: dict[str, tuple[int, int]], earlier: list[str]) -> list[str]:
+    """The earlier files whose ids may meet the group's: every one when a range is unknown."""
+    if any(k not in ranges for k in group):
+        return list(earlier)
+    lo, hi = min(ranges[k][0] for k in group), max(ranges[k][1] for k in group)
+    return [k for k in earlier if k not in ranges or (ranges[k][0] <= hi and ranges[k][1] >= lo)]
+
+
 def labels_of(store: ObjectStore, spec: DatasetSpec, keys: list[str]) -> set[str]:
     found: set[str] = set()
     for key in keys:
@@ -177,13 +189,19 @@ class FileChecks:
         self.success, self.rows, self.runs = True, 0, 0
         self._suite: SuiteRuns | None = None  # one GX context for every batch (tasks.validation.SuiteRuns)
         self.by_check: dict[tuple[str, str | None], list[FailedExpectation]] = {}
+        self.labels: set[str] = set()  # the label values of the checked rows (classification)
         self._pending: list[pa.Table] = []
         self._size = 0
 
     def add(self, table: pa.Table) -> None:
-        """Rows as they are written; checked once `budget` Arrow bytes have gathered (or at `flush`)."""
+        """Rows as they are written; checked at the end of a file once `budget` Arrow bytes have gathered
+        (`end_file`), or at `flush`."""
         self._pending.append(table)
         self._size += table.nbytes
+
+    def end_file(self) -> None:
+        """A file is complete. Batches end only here, so every file lies inside one GX run: the suite's
+        unique-id check sees all of a file's ids, and `id_failures` needs to compare files only."""
         if self._size >= self.budget:
             self.flush()
 
@@ -202,6 +220,8 @@ class FileChecks:
     def check(self, batch: pa.Table) -> None:
         """Validate one batch (the caller hands over its only reference: the conversion frees it)."""
         self.rows += batch.num_rows
+        if self.spec.task is not Task.regression:  # the table's label set, without reading the files back
+            self.labels.update(v for v in pc.unique(batch.column(self.spec.label_column)).to_pylist() if v is not None)
         # GX run results are webs of reference cycles that hold the frame until a full collection. The
         # process's older objects are frozen first, so the collection after the run scans only what the
         # run made: a full one cost 0.3 s in an ingest process of a 10M-row table (a 1 % append's audit).
@@ -258,7 +278,7 @@ def audit_files(store: ObjectStore, spec: DatasetSpec, new: list[str], earlier: 
     labels = None
     if spec.task is not Task.regression:
         earlier_set = earlier_labels if earlier_labels is not None else labels_of(store, spec, earlier)
-        labels = earlier_set | labels_of(store, spec, new)
+        labels = earlier_set | checked.labels
     failed += table_failures(spec, earlier_rows + rows, labels)
     evaluated = len(expectations) + 1 + (spec.task is not Task.regression)
     return Audit(success=success and not failed, evaluated=evaluated, failed=in_suite_order(spec, failed),

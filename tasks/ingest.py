@@ -262,6 +262,8 @@ def _write(store: ObjectStore, spec: DatasetSpec, state: TableState | None, out:
                 if part_rows >= ROWS_PER_PART:
                     _close_behind(helpers, closing, writer)
                     writer = None
+                    if checks is not None:
+                        checks.end_file()
             _say(log, "ingest %s: %d rows read", spec.name, out.rows)
         if writer is not None:
             _close_behind(helpers, closing, writer)

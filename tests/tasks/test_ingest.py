@@ -119,6 +119,37 @@ def test_audit_checks_rows_as_written_in_batches_and_a_repeat_runs_no_gx(lake, s
     assert runs == []
 
 
+def test_a_first_ingest_reads_nothing_back_for_ids_or_labels(lake, sample_spec, monkeypatch):
+    """Files whose id ranges meet no other file's are not read back for the id check (a file's own ids
+    are the GX suite's), and the label set comes from the checked rows, not from the files."""
+    import tasks.audit
+
+    def no_read_back(*args, **kwargs):
+        raise AssertionError("the audit read a column of the new files back")
+
+    monkeypatch.setattr(tasks.audit, "_column", no_read_back)
+    monkeypatch.setattr(tasks.sources, "BLOCK_BYTES", 4 << 10)
+    monkeypatch.setattr(tasks.ingest, "ROWS_PER_PART", 100)
+    version = ingest_dataset(lake, sample_spec)
+    assert version.rows == 600 and len(version.parts) == 6
+    assert table_state(lake, "tickets").labels == set(pd.read_csv(sample_spec.source)["category"])
+
+
+def test_ids_repeated_inside_one_file_are_found_whatever_the_gx_batches(lake, sample_spec, tmp_path, monkeypatch):
+    """A GX batch ends only where a file ends, so two equal ids far apart in one file are in one run."""
+    import tasks.audit
+
+    frame = pd.read_csv(sample_spec.source)
+    frame.loc[550, "ticket_id"] = frame.loc[5, "ticket_id"]
+    path = tmp_path / "repeated.csv"
+    frame.to_csv(path, index=False)
+    monkeypatch.setattr(tasks.sources, "BLOCK_BYTES", 4 << 10)  # ~40 rows a batch: many pieces per file
+    monkeypatch.setattr(tasks.audit, "AUDIT_BATCH_BYTES", 1)  # a GX run at every chance
+    with pytest.raises(LandingQuarantined) as err:
+        ingest_dataset(lake, sample_spec.model_copy(update={"source": str(path)}))
+    assert "expect_column_values_to_be_unique" in str(err.value) and table_state(lake, "tickets") is None
+
+
 def _bad(tmp_path: Path, name: str, data: bytes) -> str:
     path = tmp_path / name
     path.write_bytes(data)
