@@ -266,7 +266,8 @@ def throughput(rows: int, repeat: int, workdir: Path, endpoint: str, server_pid:
             return lambda: lake.delete("")
         return run
 
-    sides = {"raw": raw_write, "parse": parse_only, "hash": hash_only, "audit": audit_only, "pipeline": raw_pipeline, "csv": ingest_from(csv, split=True),
+    sides = {"raw": raw_write, "parse": parse_only, "hash": hash_only, "audit": audit_only, "pipeline": raw_pipeline,
+             "csv": ingest_from(csv, split=True),
              "parquet": ingest_from(local_parquet)}
     if before is not None:
         sides["csv_before"] = ingest_from(csv, before)
