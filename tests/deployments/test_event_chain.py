@@ -368,10 +368,13 @@ def test_a_run_cancelled_through_the_api_during_train_ends_cancelled_and_leaves_
     run = run_deployment("lifecycle/nightly", parameters={"spec": spec}, timeout=0)
     wait_until(lambda: _running_subflow(run.id, "train"), 300, "the run to reach train", interval_s=2,
                explain=runs_report)
-    time.sleep(3)  # well inside the stage: the Dask workers are boosting
     [worker] = [p for p in read_state(stack.home).processes if p.name == "prefect-worker"]
+    # The stage's local cluster takes a while to spawn its workers on a busy machine: wait for the run's
+    # process and its Dask workers, then a little more, well inside the boosting.
+    children = wait_until(lambda: (c := psutil.Process(worker.pid).children(recursive=True))[1:] and c, 120,
+                          "the run's Dask workers to start", interval_s=1, explain=runs_report)
+    time.sleep(3)
     children = psutil.Process(worker.pid).children(recursive=True)
-    assert len(children) >= 2, children  # the run's process and its Dask workers
     with get_client(sync_client=True) as client:
         client.set_flow_run_state(run.id, Cancelling(message="cancelled by the test"), force=True)
     t0 = time.monotonic()
