@@ -7,9 +7,11 @@ What is compared, side by side in one run on this machine:
   and with two worker processes (SO_REUSEPORT listeners, TCP_NODELAY). Optionally the docker image too.
 - text: the same model with the sentence embedding of the ticket text as features (the encoder runs per
   request). MLflow encodes each request alone; ours micro-batches concurrent requests through the
-  encoder (1 torch thread). MLflow's baseline is its best variant: pinned or not, torch threads default or 1.
-- image size: our serving images against an image of the same model built the same way (same base,
-  offline from the wheelhouse) with `mlflow` + the model's own requirements instead of our server.
+  encoder (1 torch thread), and is measured also without the straggler wait (`batch_collect_ms=0`).
+  MLflow's baseline is its best variant: pinned or not, torch threads default or 1.
+- image size (benchmarks/serve_images.py): our serving images against an image of the same model built
+  the same way (same base, offline from the wheelhouse) with `mlflow` + the model's own requirements
+  instead of our server.
 - 64 connections (issue 16: p99 ≤ 50 ms at c=64 on 2 cores): each of our tabular servers is measured at 8,
   then at 64 connections on the same process in the same run (serve_linear.py: the same for the linear model).
 - kept components (benchmarks/serve_edge.py): the tabular model through the HAProxy edge against
@@ -20,7 +22,7 @@ wrk (Debian's, installed with apt-get when missing) runs with one thread pinned 
 one-process servers (ours, MLflow) are pinned to CPU 0; the two-process server is left unpinned. A Lua
 script sends the POST body and prints the latency percentiles wrk measured (`--latency`).
 Usage: python -m benchmarks.serve [--seconds 10] [--skip-text|-images|-mlflow|-edge|-workers|-search]
-       [--only invocations64|edge] [--edge-haproxy VARIANTS] [--results FILE]  (VARIANTS: serve_edge.py)
+       [--only invocations64|edge|text] [--edge-haproxy VARIANTS] [--results FILE]  (VARIANTS: serve_edge.py)
 """
 
 from __future__ import annotations
@@ -187,10 +189,11 @@ def mlflow_server(pyfunc: Path, port: int, log: Path, threads: str | None = None
     return start(pinned(cmd) if pin else cmd, f"http://127.0.0.1:{port}/ping", log, env=env)
 
 
-def our_server(model_dir: Path, port: int, workers: int, log: Path) -> subprocess.Popen:
+def our_server(model_dir: Path, port: int, workers: int, log: Path, **settings: object) -> subprocess.Popen:
     from serving.config import ServingConfig
 
-    config = ServingConfig(model_dir=str(model_dir), lineage={"deployment_id": "bench"}, port=port, workers=workers)
+    config = ServingConfig(model_dir=str(model_dir), lineage={"deployment_id": "bench"}, port=port, workers=workers,
+                           **settings)  # type: ignore[arg-type]
     path = config.write(log.with_suffix(".json"))
     cmd = [sys.executable, "-m", "serving", "--config", str(path)]
     return start(pinned(cmd) if workers == 1 else cmd, f"http://127.0.0.1:{port}/health", log)
@@ -253,6 +256,12 @@ def bench_model(kind: str, text: bool, args, work: Path) -> dict[str, dict]:
                     f"http://127.0.0.1:{port}/invocations", payload, args, work)[args.connections]
         if "mlflow" not in results or r["rps"] > results["mlflow"]["rps"]:
             results["mlflow"] = {**r, "variant": label}
+    if text:  # the same server without the straggler wait after a shared batch, beside it
+        port = free_port()
+        results["ours1-nowait"] = measure(
+            f"{kind} ours, 1 process, batch_collect_ms=0", lambda port=port: our_server(
+                model_dir, port, 1, work / f"{kind}-ours1-nowait.log", batch_collect_ms=0.0),
+            f"http://127.0.0.1:{port}/invocations", payload, args, work)
     for workers in ((1, 2) if not text else (1,)):
         port = free_port()
         results[f"ours{workers}"] = measure(
@@ -272,76 +281,8 @@ def record_high(rec, model: str, results: dict[str, dict], c: int) -> None:
             baseline=f"the same server at c={c}, same run ({note(low)})", baseline_value=low["rps"])
 
 
-# --- image sizes --------------------------------------------------------------------------------------
-
-REF_DOCKERFILE = """ARG DEPS_IMAGE
-FROM ${DEPS_IMAGE}
-COPY model /model
-USER 10001:10001
-EXPOSE 8080
-CMD ["mlflow", "models", "serve", "-m", "/model", "--env-manager", "local", "-h", "0.0.0.0", "-p", "8080"]
-"""
-
-
-def image_sizes(work: Path) -> None:
-    """Our tabular serving image against the same model served by MLflow in an image built the same way.
-
-    Both start from the same base image and install offline from the same wheelhouse; the reference
-    installs `mlflow` + the model's pip requirements (what `pip install mlflow` + requirements.txt
-    gives) and runs `mlflow models serve`. The reference is started once to prove it serves.
-    """
-    import io
-
-    from serving.pyfunc import pip_requirements
-    from tasks import docker_images as di
-    from tasks.serving_common import tar
-
-    try:
-        client = di.docker_client(None)
-        base = os.environ.get("LIFECYCLE_BASE_IMAGE", "lifecycle-base:bookworm")
-        di.base_image(client, base)
-    except Exception as exc:  # noqa: BLE001 - no docker here: say so, measure the rest
-        print(f"  image sizes skipped: {exc}")
-        return
-    model_dir, pyfunc = work / "tabular-model", work / "tabular-pyfunc" / "model"
-    ours = di.build_app_image(client, di.deps_image(client, base, with_search=False), model_dir,
-                              {"deployment_id": "bench-image-size"})
-    roots = ["mlflow", *(r.split("==")[0] for r in pip_requirements(False))]
-    ref_deps = di.deps_image(client, base, False, roots=roots, kind="mlflow")
-    entries: list[tuple[str, Path | bytes, int, int]] = [("Dockerfile", REF_DOCKERFILE.encode(), 0o644, 0)]
-    entries += [(f"model/{p.relative_to(pyfunc).as_posix()}", p, 0o644, 0)
-                for p in sorted(pyfunc.rglob("*")) if p.is_file()]
-    ref, _ = client.images.build(fileobj=io.BytesIO(tar(entries)), custom_context=True,
-                                 tag="lifecycle-bench:mlflow-ref", buildargs={"DEPS_IMAGE": ref_deps}, rm=True,
-                                 forcerm=True, pull=False)
-    container = client.containers.run(ref.id, detach=True, ports={"8080/tcp": ("127.0.0.1", None)})
-    try:
-        deadline, ok = time.monotonic() + 120, False
-        while time.monotonic() < deadline and not ok:
-            container.reload()
-            port = ((container.attrs["NetworkSettings"]["Ports"] or {}).get("8080/tcp") or [{}])[0].get("HostPort")
-            try:
-                ok = bool(port) and httpx.get(f"http://127.0.0.1:{port}/ping", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        if not ok:
-            raise RuntimeError(f"the mlflow reference image does not serve: {container.logs(tail=10).decode()}")
-    finally:
-        container.remove(force=True)
-    ours_mb, ref_mb = ours.attrs["Size"] / 1e6, ref.attrs["Size"] / 1e6
-    base_mb = client.images.get(base).attrs["Size"] / 1e6
-    print(f"  images: ours {ours_mb:.0f} MB, mlflow reference {ref_mb:.0f} MB (base {base_mb:.0f} MB)")
-    rec("serve.image.size (tabular model, core image)", ours_mb, "MB",
-           baseline=f"same base ({base_mb:.0f} MB) + mlflow + the model's requirements, offline, `mlflow models serve`",
-           baseline_value=ref_mb, higher_is_better=False, goal="smaller than the mlflow image")
-    search = di.image_exists(client, di.deps_spec(client, base, True)[0])
-    if search is not None:
-        rec("serve.image.size (search image: + LanceDB, torch CPU, MiniLM)", search.attrs["Size"] / 1e6, "MB",
-               goal="reported (no mlflow+torch reference built)")
-
-
 def main(argv: list[str] | None = None) -> None:
-    from benchmarks import serve_edge
+    from benchmarks import serve_edge, serve_images
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=10)
@@ -350,13 +291,17 @@ def main(argv: list[str] | None = None) -> None:
     for part, what in (("text", "text model"), ("images", "image sizes"), ("mlflow", "MLflow (tabular and text)"),
                        ("search", "/search against the previous revision")):
         parser.add_argument(f"--skip-{part}", action="store_true", help=f"no {what}")
-    parser.add_argument("--only", choices=("invocations64", "edge"),
-                        help=f"just ours at c and c={HIGH} (no MLflow), or just the edge against direct")
+    parser.add_argument("--only", choices=("invocations64", "edge", "text"),
+                        help=f"just ours at c and c={HIGH} (no MLflow), just the edge against direct, or just the "
+                        "text model (with its MLflow baseline)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="JSON lines the figures are appended to")
     serve_edge.add_arguments(parser)
     args = parser.parse_args(argv)
     for part in ("text", "images", "mlflow", "edge", "workers", "search") if args.only else ():
         setattr(args, f"skip_{part}", part != args.only)  # --only X: every other part off, MLflow's too
+    text_only = args.only == "text"
+    if text_only:
+        args.skip_mlflow = False  # the text figures are ratios to MLflow's
     global _results
     _results = args.results
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -364,10 +309,12 @@ def main(argv: list[str] | None = None) -> None:
     c = args.connections
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         work, trees = Path(tmp), args.rounds * 4
-        tab = bench_model("tabular", False, args, work) if not args.skip_mlflow or args.only == "invocations64" else {}
+        tabular = not text_only and (not args.skip_mlflow or args.only == "invocations64")
+        tab = bench_model("tabular", False, args, work) if tabular else {}
         model_dir = work / "tabular-model"
-        model_dir = model_dir if tab else train_model(model_dir, text=False, rounds=args.rounds)
-        serve_edge.kept(rec, model_dir, body(model_dir), args, work, trees)
+        model_dir = model_dir if tab or text_only else train_model(model_dir, text=False, rounds=args.rounds)
+        if not text_only:
+            serve_edge.kept(rec, model_dir, body(model_dir), args, work, trees)
         if not args.skip_search:
             from benchmarks import serve_search
 
@@ -391,8 +338,12 @@ def main(argv: list[str] | None = None) -> None:
                 baseline_value=ref["rps"], goal="≥ 3× MLflow's req/s")
             rec(f"serve.text.p99 (micro-batched, 1 process, c={c})", ours["p99_ms"], "ms",
                    baseline="mlflow models serve p99", baseline_value=ref["p99_ms"], higher_is_better=False)
+            plain = txt["ours1-nowait"][c]
+            rec(f"serve.text.rps (straggler wait after a shared batch, 1 process, c={c})", ours["rps"], "req/s",
+                baseline=f"the same server with batch_collect_ms=0, same run ({note(plain)})",
+                baseline_value=plain["rps"])
         if not args.skip_images:
-            image_sizes(work)
+            serve_images.image_sizes(rec, work)
 
 
 if __name__ == "__main__":

@@ -126,7 +126,7 @@ class Endpoints:
         if searcher is not None:
             kinds = {name: column_kind(t) for name, t in searcher.metadata_types.items()}
             self.columns = {name: kind for name, kind in kinds.items() if kind is not None}
-            self.queries = QueryBatcher(searcher)
+            self.queries = QueryBatcher(searcher, collect_s=config.batch_collect_ms / 1000)
 
     def authorize(self, scope: Scope) -> None:
         authorization = header(scope, b"authorization")
@@ -251,7 +251,8 @@ def create_app(config: ServingConfig, model: Served | None = None,
     if searcher is None and config.index is not None:
         searcher = open_searcher(config.index, config.encoder_threads, config.search_precision)
     secret = config.token()
-    batcher = Batcher(model, config.batch_rows) if isinstance(model, ServingModel) and model.needs_text else None
+    batcher = (Batcher(model, config.batch_rows, config.batch_collect_ms / 1000)
+               if isinstance(model, ServingModel) and model.needs_text else None)
     ep = Endpoints(model, secret.get_secret_value().encode() if secret else None, config, batcher, searcher)
     lineage = dict(config.lineage)
     spec = orjson.dumps(document(model.schema, config.limits.max_rows, ep.columns if searcher else None,

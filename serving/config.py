@@ -57,6 +57,12 @@ class ServingConfig(BaseModel):
                          "replaced).")
     limits: ClientLimits = Field(default_factory=ClientLimits, description="Bounds on every client.")
     batch_rows: int = Field(256, ge=1, le=65536, description="Most rows per encoder batch (text models).")
+    batch_collect_ms: float = Field(
+        1.0, ge=0, le=50,
+        description="After an encoder batch shared by several requests (/invocations of text models, /search), "
+        "wait this long for the clients it answered to send their next requests before taking the queue. 0: "
+        "take what is queued at once. A lone client (batches of one) never waits.",
+    )
     encoder_threads: int | None = Field(
         1, ge=1, le=256,
         description="torch threads of the text encoder. 1: under load, batching (not intra-op threads) gives the "

@@ -127,3 +127,55 @@ def test_search_waits_for_stragglers_only_after_a_shared_batch():
 
     asyncio.run(scenario())
     assert fake.embedded == [["lone"], ["alone again"], ["q0", "q1", "q2"], ["first", "straggler"]]
+
+
+class _RecordingModel:
+    """Stands in for a text model: records each batch's texts, one prediction per row."""
+
+    class schema:  # noqa: N801 - the attribute ServingModel carries
+        input_columns = ["text"]
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+
+    def predict_columns(self, columns, rows, probabilities):
+        self.batches.append(list(columns["text"]))
+        return [{"prediction": t} for t in columns["text"]]
+
+
+def test_invocations_wait_for_stragglers_only_after_a_shared_batch():
+    """As /search: after a batch of several requests, one arriving within `collect_s` joins the next
+    batch's first; a lone client's request never waits."""
+    from serving.batching import Batcher
+
+    model = _RecordingModel()
+    batcher = Batcher(model, collect_s=30.0)  # type: ignore[arg-type]
+
+    def ask(text: str):
+        return batcher.predict({"text": [text]}, 1, False)
+
+    async def scenario() -> None:
+        await asyncio.wait_for(ask("lone"), 10)  # would take 30 s if it waited
+        await asyncio.wait_for(ask("alone again"), 10)
+        await asyncio.gather(*[ask(f"r{i}") for i in range(3)])  # queued together
+        batcher.collect_s = 0.05
+
+        async def later() -> list[dict]:
+            await asyncio.sleep(0.001)  # before the batcher's own 50 ms timer
+            return await ask("straggler")
+
+        first, second = await asyncio.wait_for(asyncio.gather(ask("first"), later()), 10)
+        assert first == [{"prediction": "first"}] and second == [{"prediction": "straggler"}]
+
+    asyncio.run(scenario())
+    assert model.batches == [["lone"], ["alone again"], ["r0", "r1", "r2"], ["first", "straggler"]]
+
+
+def test_batch_collect_ms_sets_the_wait_of_both_batchers(text_model):
+    from tests.serving.test_app import FakeSearcher
+
+    folder, model = text_model
+    app = create_app(ServingConfig(model_dir=str(folder), batch_collect_ms=0), model=model, searcher=FakeSearcher())
+    assert app.state.batcher.collect_s == 0 and app.state.queries.collect_s == 0
+    app = create_app(ServingConfig(model_dir=str(folder)), model=model, searcher=FakeSearcher())
+    assert app.state.batcher.collect_s == app.state.queries.collect_s == 0.001
