@@ -4,7 +4,9 @@ What is compared, side by side in one run on this machine:
 - tabular: a 200-tree XGBoost (50 rounds x 4 classes) on the sample's features; single-row `dataframe_split` POSTs to
   `/invocations` at 8 connections. MLflow: `mlflow models serve --env-manager local` of the pyfunc train
   logs (serving.pyfunc.LifecycleModel). Ours: `python -m serving` on the same booster + schema, with one
-  and with two worker processes (SO_REUSEPORT listeners, TCP_NODELAY). Optionally the docker image too.
+  and with two worker processes (gunicorn's arbiter over uvicorn workers since issue 16; the figures keep
+  the name "SO_REUSEPORT" of the supervisor before it, so they compare over time). Optionally the docker
+  image too.
 - text: the same model with the sentence embedding of the ticket text as features (the encoder runs per
   request). MLflow encodes each request alone; ours micro-batches concurrent requests through the
   encoder (1 torch thread), and is measured also without the straggler wait (`batch_collect_ms=0`).

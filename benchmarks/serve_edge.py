@@ -14,7 +14,8 @@ also by benchmarks/serve_linear.py on the linear model; `--only edge` in either 
   another is measured), measured in each round after direct. tasks/haproxy.py has no knob for this
   (yet): the lines are added to the text `start_local` renders (`_global_lines`), so the better variant
   can become its default later.
-- **workers**: `python -m serving` with N workers (our SO_REUSEPORT supervisor) against
+- **workers**: `python -m serving` with N workers (gunicorn's arbiter since issue 16; the figure keeps
+  the name of the SO_REUSEPORT supervisor it replaced, so it compares over time) against
   `gunicorn -k <UvicornWorker> -w N serving.asgi:app`, both unpinned, same N. The worker class is the
   `uvicorn-worker` package's when installed, else uvicorn's own deprecated `uvicorn.workers`.
 """
